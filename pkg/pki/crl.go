@@ -3,6 +3,7 @@ package pki
 import (
 	"crypto/rand"
 	"crypto/x509"
+	"encoding/pem"
 	"fmt"
 	"math/big"
 	"time"
@@ -36,4 +37,9 @@ func (is *Issuer) CRL(entries []CRLEntry, number *big.Int, thisUpdate, nextUpdat
 		return nil, fmt.Errorf("sign CRL: %w", err)
 	}
 	return der, nil
+}
+
+// EncodeCRLPEM wraps a DER CRL in PEM.
+func EncodeCRLPEM(der []byte) []byte {
+	return pem.EncodeToMemory(&pem.Block{Type: "X509 CRL", Bytes: der})
 }

@@ -1,0 +1,383 @@
+// Package broker is the gateway's MQTT broker: mochi-mqtt behind a mutual
+// TLS listener, with hooks that bind each session to the identity in its
+// certificate, enforce the topic ACL, keep presence topics and cut revoked
+// devices off.
+package broker
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"strings"
+	"sync"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/listeners"
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/fleetgate/fleetgate/gateway/metrics"
+	"github.com/fleetgate/fleetgate/pkg/identity"
+	"github.com/fleetgate/fleetgate/pkg/topic"
+)
+
+// Defaults.
+const (
+	DefaultConnectTimeout = 10 * time.Second
+	// DefaultMaxKeepalive caps the keepalive a client may ask for; 0
+	// (no keepalive) is raised to it, so dead peers are always found.
+	DefaultMaxKeepalive = 5 * time.Minute
+	// DefaultMaxPacketSize bounds every MQTT packet.
+	DefaultMaxPacketSize = 256 << 10
+	// DefaultMaxSessionExpiry bounds how long an offline session is kept.
+	DefaultMaxSessionExpiry = 24 * time.Hour
+)
+
+// Config configures a Broker.
+type Config struct {
+	// Listener is where MQTT clients connect (raw TCP; the broker adds TLS).
+	Listener net.Listener
+	// TLS must require and verify client certificates.
+	TLS *tls.Config
+	// TrustDomain of the identities admitted.
+	TrustDomain string
+	// ConnectTimeout bounds the TLS handshake plus the CONNECT packet.
+	ConnectTimeout time.Duration
+	// MaxKeepalive caps client keepalives.
+	MaxKeepalive time.Duration
+	// MaxPacketSize bounds every packet.
+	MaxPacketSize uint32
+	// OnSeen is called when a device connects or disconnects.
+	OnSeen func(deviceID string, t time.Time)
+	// Revoked reports whether a certificate is revoked; it closes the gap
+	// between a session's handshake and its registration for Disconnect.
+	Revoked func(*x509.Certificate) bool
+	Logger  *slog.Logger
+	Metrics *metrics.Metrics
+}
+
+// Broker is the MQTT side of the gateway.
+type Broker struct {
+	srv  *mqtt.Server
+	hook *hook
+	addr net.Addr
+	log  *slog.Logger
+}
+
+// New builds a broker on cfg.Listener. Call Serve to start it.
+func New(cfg Config) (*Broker, error) {
+	if cfg.Listener == nil || cfg.TLS == nil {
+		return nil, errors.New("broker: listener and TLS config are required")
+	}
+	if cfg.TLS.ClientAuth != tls.RequireAndVerifyClientCert {
+		return nil, errors.New("broker: TLS config must require and verify client certificates")
+	}
+	if cfg.ConnectTimeout <= 0 {
+		cfg.ConnectTimeout = DefaultConnectTimeout
+	}
+	if cfg.MaxKeepalive <= 0 {
+		cfg.MaxKeepalive = DefaultMaxKeepalive
+	}
+	if cfg.MaxPacketSize == 0 {
+		cfg.MaxPacketSize = DefaultMaxPacketSize
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Metrics == nil {
+		cfg.Metrics = metrics.New()
+	}
+	log := cfg.Logger.With("component", "broker")
+
+	caps := mqtt.NewDefaultServerCapabilities()
+	caps.MaximumPacketSize = cfg.MaxPacketSize
+	caps.MaximumSessionExpiryInterval = uint32(DefaultMaxSessionExpiry / time.Second)
+	srv := mqtt.New(&mqtt.Options{
+		Capabilities: caps,
+		InlineClient: true,
+		// mochi logs every client error at warn; ours are counted in
+		// metrics, so keep its own log to errors.
+		Logger: slog.New(quietHandler{log.Handler()}),
+	})
+	h := &hook{
+		srv:          srv,
+		td:           cfg.TrustDomain,
+		maxKeepalive: uint16(min(cfg.MaxKeepalive/time.Second, 65535)),
+		onSeen:       cfg.OnSeen,
+		revoked:      cfg.Revoked,
+		log:          log,
+		m:            cfg.Metrics,
+		current:      make(map[string]*mqtt.Client),
+	}
+	if err := srv.AddHook(h, nil); err != nil {
+		return nil, fmt.Errorf("broker: add hook: %w", err)
+	}
+	l := &tlsListener{Listener: cfg.Listener, conf: cfg.TLS, timeout: cfg.ConnectTimeout, log: log, m: cfg.Metrics}
+	if err := srv.AddListener(listeners.NewNet("mqtt-tls", l)); err != nil {
+		return nil, fmt.Errorf("broker: add listener: %w", err)
+	}
+	return &Broker{srv: srv, hook: h, addr: cfg.Listener.Addr(), log: log}, nil
+}
+
+// Serve starts accepting clients; it returns at once.
+func (b *Broker) Serve() error { return b.srv.Serve() }
+
+// Addr is the listener's address.
+func (b *Broker) Addr() net.Addr { return b.addr }
+
+// Close disconnects every client and stops the broker.
+func (b *Broker) Close() error { return b.srv.Close() }
+
+// Disconnect closes the live session of a device, if any, with MQTT 5
+// reason 0x98 (administrative action). It reports whether a live session
+// was found.
+func (b *Broker) Disconnect(deviceID string) bool {
+	b.hook.mu.Lock()
+	cl := b.hook.current[deviceID]
+	b.hook.mu.Unlock()
+	if cl == nil {
+		return false
+	}
+	_ = b.srv.DisconnectClient(cl, packets.ErrAdministrativeAction)
+	b.log.Info("session closed", "device", deviceID, "reason", "revoked")
+	return true
+}
+
+// Connected reports whether a device has a live session.
+func (b *Broker) Connected(deviceID string) bool {
+	b.hook.mu.Lock()
+	defer b.hook.mu.Unlock()
+	return b.hook.current[deviceID] != nil
+}
+
+// Sessions returns the number of live sessions.
+func (b *Broker) Sessions() int {
+	b.hook.mu.Lock()
+	defer b.hook.mu.Unlock()
+	return b.hook.sessions
+}
+
+// Presence is the payload of a device's retained presence topic.
+type Presence struct {
+	State string    `json:"state"` // "online" or "offline"
+	Time  time.Time `json:"time"`
+}
+
+type hook struct {
+	mqtt.HookBase
+	srv          *mqtt.Server
+	td           string
+	maxKeepalive uint16
+	onSeen       func(string, time.Time)
+	revoked      func(*x509.Certificate) bool
+	log          *slog.Logger
+	m            *metrics.Metrics
+
+	// mu guards current and sessions and orders presence publishes, so
+	// the retained presence of a device always ends with its latest state.
+	mu sync.Mutex
+	// current is each device's live session, so a late disconnect of a
+	// taken-over session neither publishes "offline" nor hides the new one.
+	current  map[string]*mqtt.Client
+	sessions int
+}
+
+// servicePrefix starts the internal client ID of every service session.
+// Device IDs cannot contain ':', so the two namespaces never meet.
+const servicePrefix = "service:"
+
+// clientIdentity recovers the role and name of an admitted client from its
+// client ID, which OnConnect bound to the certificate: a device's is its
+// device ID, a service's is "service:NAME:ID". It allocates nothing, as
+// it runs on every ACL check.
+func clientIdentity(clientID string) (identity.Role, string) {
+	if rest, ok := strings.CutPrefix(clientID, servicePrefix); ok {
+		name, _, _ := strings.Cut(rest, ":")
+		return identity.RoleService, name
+	}
+	return identity.RoleDevice, clientID
+}
+
+func (h *hook) ID() string { return "fleetgate" }
+
+func (h *hook) Provides(b byte) bool {
+	switch b {
+	case mqtt.OnConnect, mqtt.OnConnectAuthenticate, mqtt.OnACLCheck,
+		mqtt.OnSessionEstablished, mqtt.OnDisconnect, mqtt.OnPublished, mqtt.OnPacketSent, mqtt.OnPublishDropped:
+		return true
+	}
+	return false
+}
+
+type connectionStater interface {
+	ConnectionState() tls.ConnectionState
+}
+
+// peerIdentity maps the client's verified certificate to its identity.
+func (h *hook) peerIdentity(cl *mqtt.Client) (identity.Identity, *x509.Certificate, string, error) {
+	cs, ok := cl.Net.Conn.(connectionStater)
+	if !ok {
+		return identity.Identity{}, nil, "not_tls", errors.New("connection is not TLS")
+	}
+	st := cs.ConnectionState()
+	if len(st.PeerCertificates) == 0 {
+		return identity.Identity{}, nil, "no_client_cert", errors.New("no client certificate")
+	}
+	id, err := identity.FromCertificate(st.PeerCertificates[0], h.td)
+	if err != nil {
+		return identity.Identity{}, nil, "no_identity", err
+	}
+	return id, st.PeerCertificates[0], "", nil
+}
+
+// OnConnect admits a client only with a device or service certificate of
+// our trust domain and binds its client ID to that identity.
+func (h *hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
+	id, _, reason, err := h.peerIdentity(cl)
+	if err != nil {
+		return h.refuse(cl, packets.ErrNotAuthorized, reason, err.Error())
+	}
+	switch id.Role {
+	case identity.RoleDevice:
+		// A device's client ID is its device ID, so a stolen certificate
+		// cannot take over another device's session.
+		if pk.Connect.ClientIdentifier == "" {
+			cl.ID = id.Name
+			if cl.Properties.ProtocolVersion == 5 {
+				cl.Properties.Props.AssignedClientID = id.Name
+			}
+		} else if cl.ID != id.Name {
+			return h.refuse(cl, packets.ErrClientIdentifierNotValid, "client_id_mismatch",
+				fmt.Sprintf("client ID %q does not match the certificate's device %q", cl.ID, id.Name))
+		}
+	case identity.RoleService:
+		// Services choose their client IDs freely, inside a namespace of
+		// their own.
+		cl.ID = servicePrefix + id.Name + ":" + cl.ID
+	default:
+		return h.refuse(cl, packets.ErrNotAuthorized, "role_not_allowed", fmt.Sprintf("role %s may not use MQTT", id.Role))
+	}
+	if pk.Connect.WillFlag && !topic.Allowed(id.Role, id.Name, pk.Connect.WillTopic, topic.Publish) {
+		return h.refuse(cl, packets.ErrNotAuthorized, "will_not_allowed", fmt.Sprintf("will topic %q not allowed", pk.Connect.WillTopic))
+	}
+	if cl.State.Keepalive == 0 || cl.State.Keepalive > h.maxKeepalive {
+		cl.State.Keepalive = h.maxKeepalive
+		cl.State.ServerKeepalive = true
+	}
+	return nil
+}
+
+// refuse answers CONNECT with a refusal code the client's protocol version
+// understands. MQTT 3.1.1 has no 0x87: paho would read it as success.
+func (h *hook) refuse(cl *mqtt.Client, code packets.Code, reason, detail string) error {
+	h.m.ConnectRefusals.WithLabelValues(reason).Inc()
+	h.log.Info("connect refused", "client", cl.ID, "remote", cl.Net.Remote, "reason", reason, "detail", detail)
+	send := code
+	if cl.Properties.ProtocolVersion < 5 && code == packets.ErrNotAuthorized {
+		send = packets.Err3NotAuthorized
+	}
+	_ = h.srv.SendConnack(cl, send, false, nil)
+	return code
+}
+
+// OnConnectAuthenticate runs only after OnConnect admitted the client; it
+// re-checks that the client ID still matches the certificate.
+func (h *hook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
+	id, _, _, err := h.peerIdentity(cl)
+	if err != nil {
+		return false
+	}
+	role, name := clientIdentity(cl.ID)
+	return role == id.Role && name == id.Name
+}
+
+func (h *hook) OnACLCheck(cl *mqtt.Client, t string, write bool) bool {
+	role, name := clientIdentity(cl.ID)
+	act := topic.Subscribe
+	if write {
+		act = topic.Publish
+	}
+	if topic.Allowed(role, name, t, act) {
+		return true
+	}
+	if write {
+		h.m.ACLDenials.WithLabelValues("publish").Inc()
+	} else {
+		h.m.ACLDenials.WithLabelValues("subscribe").Inc()
+	}
+	return false
+}
+
+func (h *hook) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
+	role, name := clientIdentity(cl.ID)
+	h.m.Sessions.Inc()
+	h.m.Connects.WithLabelValues(string(role)).Inc()
+	h.mu.Lock()
+	h.sessions++
+	if role == identity.RoleDevice {
+		h.current[name] = cl
+		h.publishPresence(name, "online")
+	}
+	h.mu.Unlock()
+	if role != identity.RoleDevice {
+		return
+	}
+	if h.onSeen != nil {
+		h.onSeen(name, time.Now())
+	}
+	// A revocation that landed after this client's handshake but before it
+	// became current found nothing to disconnect: look again now.
+	if _, cert, _, err := h.peerIdentity(cl); err == nil && h.revoked != nil && h.revoked(cert) {
+		_ = h.srv.DisconnectClient(cl, packets.ErrAdministrativeAction)
+		h.log.Info("session closed", "device", name, "reason", "revoked")
+	}
+}
+
+func (h *hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
+	role, name := clientIdentity(cl.ID)
+	h.m.Sessions.Dec()
+	h.mu.Lock()
+	h.sessions--
+	last := role == identity.RoleDevice && h.current[name] == cl
+	if last {
+		delete(h.current, name)
+		h.publishPresence(name, "offline")
+	}
+	h.mu.Unlock()
+	if last && h.onSeen != nil {
+		h.onSeen(name, time.Now())
+	}
+	if err != nil && !errors.Is(err, io.EOF) {
+		h.log.Debug("session ended", "client", cl.ID, "error", err)
+	}
+}
+
+// publishPresence publishes a retained presence message; callers hold h.mu.
+func (h *hook) publishPresence(deviceID, state string) {
+	payload, _ := json.Marshal(Presence{State: state, Time: time.Now().UTC()})
+	if err := h.srv.Publish(topic.Presence(deviceID), payload, true, 1); err != nil {
+		h.log.Warn("publish presence", "device", deviceID, "error", err)
+	}
+}
+
+func (h *hook) OnPublished(cl *mqtt.Client, pk packets.Packet) {
+	if !cl.Net.Inline {
+		h.m.MessagesIn.Inc()
+	}
+}
+
+func (h *hook) OnPacketSent(cl *mqtt.Client, pk packets.Packet, b []byte) {
+	if pk.FixedHeader.Type == packets.Publish {
+		h.m.MessagesOut.Inc()
+	}
+}
+
+func (h *hook) OnPublishDropped(cl *mqtt.Client, pk packets.Packet) {
+	h.m.MessagesDropped.Inc()
+	h.log.Warn("message dropped: subscriber queue full", "client", cl.ID, "topic", pk.TopicName)
+}

@@ -1,0 +1,206 @@
+// Package est serves RFC 7030 enrollment (cacerts, simpleenroll,
+// simplereenroll, csrattrs) and the CRL over HTTPS.
+package est
+
+import (
+	"context"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"strings"
+
+	"github.com/fleetgate/fleetgate/gateway/authority"
+	"github.com/fleetgate/fleetgate/pkg/est"
+	"github.com/fleetgate/fleetgate/pkg/identity"
+	"github.com/fleetgate/fleetgate/pkg/pki"
+	"github.com/fleetgate/fleetgate/pkg/registry"
+)
+
+// Authority is what the EST service needs of the certificate authority.
+type Authority interface {
+	Enroll(ctx context.Context, deviceID, token string, csr *x509.CertificateRequest) (*x509.Certificate, error)
+	Reenroll(ctx context.Context, peer *x509.Certificate, csr *x509.CertificateRequest) (*x509.Certificate, error)
+	CACerts() []*x509.Certificate
+	CRL() *authority.CRL
+}
+
+// Handler serves EST and the CRL.
+type Handler struct {
+	ca  Authority
+	log *slog.Logger
+	mux *http.ServeMux
+	// caBody is the cacerts answer, computed once.
+	caBody []byte
+}
+
+// NewHandler returns the EST handler.
+func NewHandler(ca Authority, log *slog.Logger) (*Handler, error) {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	body, err := est.EncodeCerts(ca.CACerts()...)
+	if err != nil {
+		return nil, err
+	}
+	h := &Handler{ca: ca, log: log.With("component", "est"), mux: http.NewServeMux(), caBody: body}
+	h.mux.HandleFunc("GET "+est.PathCACerts, h.cacerts)
+	h.mux.HandleFunc("POST "+est.PathEnroll, h.simpleenroll)
+	h.mux.HandleFunc("POST "+est.PathReenroll, h.simplereenroll)
+	h.mux.HandleFunc("GET "+est.PathCSRAttrs, h.csrattrs)
+	h.mux.HandleFunc("GET "+est.PathCRL, h.crl)
+	h.mux.HandleFunc("GET /crl.pem", h.crlPEM)
+	h.mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		_, _ = io.WriteString(w, "ok\n")
+	})
+	return h, nil
+}
+
+// ServeHTTP implements http.Handler.
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) { h.mux.ServeHTTP(w, r) }
+
+func (h *Handler) cacerts(w http.ResponseWriter, r *http.Request) {
+	writeCerts(w, h.caBody)
+}
+
+func (h *Handler) csrattrs(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("Content-Type", est.TypeCSRAttrs)
+	w.Header().Set("Content-Transfer-Encoding", "base64")
+	_, _ = w.Write(est.CSRAttrs())
+}
+
+func (h *Handler) crl(w http.ResponseWriter, r *http.Request) {
+	crl := h.ca.CRL()
+	w.Header().Set("Content-Type", est.TypePKIXCRL)
+	w.Header().Set("Cache-Control", "max-age=60")
+	_, _ = w.Write(crl.DER)
+}
+
+func (h *Handler) crlPEM(w http.ResponseWriter, r *http.Request) {
+	crl := h.ca.CRL()
+	w.Header().Set("Content-Type", "application/x-pem-file")
+	w.Header().Set("Cache-Control", "max-age=60")
+	_, _ = w.Write(pki.EncodeCRLPEM(crl.DER))
+}
+
+func (h *Handler) simpleenroll(w http.ResponseWriter, r *http.Request) {
+	deviceID, token, ok := r.BasicAuth()
+	if !ok {
+		w.Header().Set("WWW-Authenticate", `Basic realm="fleetgate enrollment"`)
+		httpError(w, http.StatusUnauthorized, "enrollment needs HTTP Basic auth: user = device ID, password = one-time token")
+		return
+	}
+	csr, err := readCSR(w, r)
+	if err != nil {
+		h.fail(w, r, "simpleenroll", deviceID, err)
+		return
+	}
+	cert, err := h.ca.Enroll(r.Context(), deviceID, token, csr)
+	if err != nil {
+		h.fail(w, r, "simpleenroll", deviceID, err)
+		return
+	}
+	h.answer(w, cert)
+}
+
+func (h *Handler) simplereenroll(w http.ResponseWriter, r *http.Request) {
+	if r.TLS == nil || len(r.TLS.PeerCertificates) == 0 {
+		httpError(w, http.StatusUnauthorized, "re-enrollment needs the current device certificate as TLS client certificate")
+		return
+	}
+	peer := r.TLS.PeerCertificates[0]
+	csr, err := readCSR(w, r)
+	if err != nil {
+		h.fail(w, r, "simplereenroll", peer.Subject.CommonName, err)
+		return
+	}
+	cert, err := h.ca.Reenroll(r.Context(), peer, csr)
+	if err != nil {
+		h.fail(w, r, "simplereenroll", peer.Subject.CommonName, err)
+		return
+	}
+	h.answer(w, cert)
+}
+
+func (h *Handler) answer(w http.ResponseWriter, cert *x509.Certificate) {
+	body, err := est.EncodeCerts(cert)
+	if err != nil {
+		httpError(w, http.StatusInternalServerError, "encode certificate")
+		return
+	}
+	writeCerts(w, body)
+}
+
+func writeCerts(w http.ResponseWriter, body []byte) {
+	w.Header().Set("Content-Type", est.TypeCertsOnly)
+	w.Header().Set("Content-Transfer-Encoding", "base64")
+	_, _ = w.Write(body)
+}
+
+// readCSR reads and decodes a request body of bounded size.
+func readCSR(w http.ResponseWriter, r *http.Request) (*x509.CertificateRequest, error) {
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, est.MaxRequestSize))
+	if err != nil {
+		var tooBig *http.MaxBytesError
+		if errors.As(err, &tooBig) {
+			return nil, fmt.Errorf("%w: body larger than %d bytes", errTooLarge, est.MaxRequestSize)
+		}
+		return nil, fmt.Errorf("%w: read body: %v", est.ErrMalformed, err)
+	}
+	return est.DecodeCSR(body)
+}
+
+var errTooLarge = errors.New("request too large")
+
+func (h *Handler) fail(w http.ResponseWriter, r *http.Request, op, who string, err error) {
+	code := StatusOf(err)
+	if code == http.StatusUnauthorized {
+		w.Header().Set("WWW-Authenticate", `Basic realm="fleetgate enrollment"`)
+	}
+	msg := err.Error()
+	if code >= 500 {
+		h.log.Error(op+" failed", "device", who, "remote", r.RemoteAddr, "error", err)
+		msg = "internal error; see the gateway log"
+		if code == http.StatusServiceUnavailable {
+			msg = "registry unavailable; try again later"
+			w.Header().Set("Retry-After", "30")
+		}
+	} else {
+		h.log.Info(op+" refused", "device", who, "remote", r.RemoteAddr, "status", code, "error", err)
+	}
+	httpError(w, code, msg)
+}
+
+// StatusOf maps an enrollment error to its HTTP status: the one place where
+// EST errors meet HTTP.
+func StatusOf(err error) int {
+	switch {
+	case errors.Is(err, errTooLarge):
+		return http.StatusRequestEntityTooLarge
+	case errors.Is(err, registry.ErrTokenInvalid), errors.Is(err, registry.ErrTokenUsed), errors.Is(err, registry.ErrTokenExpired):
+		return http.StatusUnauthorized
+	case errors.Is(err, registry.ErrRevoked), errors.Is(err, registry.ErrUnknownSerial),
+		errors.Is(err, authority.ErrNotDevice), errors.Is(err, identity.ErrNoIdentity), errors.Is(err, identity.ErrForeignDomain):
+		return http.StatusForbidden
+	case errors.Is(err, est.ErrMalformed), errors.Is(err, pki.ErrBadCSR), errors.Is(err, pki.ErrKeyPolicy),
+		errors.Is(err, pki.ErrSubjectMismatch), errors.Is(err, identity.ErrInvalidName), errors.Is(err, registry.ErrInvalid):
+		return http.StatusBadRequest
+	case errors.Is(err, registry.ErrConflict):
+		return http.StatusConflict
+	case errors.Is(err, registry.ErrClosed), errors.Is(err, context.DeadlineExceeded):
+		return http.StatusServiceUnavailable
+	default:
+		return http.StatusInternalServerError
+	}
+}
+
+// httpError writes a one-line plain-text reason.
+func httpError(w http.ResponseWriter, code int, msg string) {
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	w.Header().Set("X-Content-Type-Options", "nosniff")
+	w.WriteHeader(code)
+	_, _ = io.WriteString(w, strings.ReplaceAll(msg, "\n", " ")+"\n")
+}
