@@ -122,8 +122,8 @@ func (c *Config) Validate() error {
 			return fmt.Errorf("--metrics-listen %q: %w", c.MetricsListen, err)
 		}
 	}
-	if c.DeviceTTL < time.Hour {
-		return fmt.Errorf("device certificate lifetime %v is under an hour", c.DeviceTTL)
+	if c.DeviceTTL < time.Minute {
+		return fmt.Errorf("device certificate lifetime %v is under a minute", c.DeviceTTL)
 	}
 	if c.TokenTTL <= 0 || c.TokenTTL > authority.MaxTokenTTL {
 		return fmt.Errorf("token TTL %v must be positive and at most %v", c.TokenTTL, authority.MaxTokenTTL)

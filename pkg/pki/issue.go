@@ -179,7 +179,9 @@ func (is *Issuer) leafTemplate(pub crypto.PublicKey, ttl time.Duration) (*x509.C
 		return nil, err
 	}
 	now := is.now()
-	notBefore := now.Add(-backdate)
+	// Short-lived certificates get a proportionally short backdate, so the
+	// lifetime a device sees is close to the one asked for.
+	notBefore := now.Add(-min(backdate, ttl/10))
 	if notBefore.Before(is.CA.Cert.NotBefore) {
 		notBefore = is.CA.Cert.NotBefore
 	}
