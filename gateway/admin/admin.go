@@ -28,7 +28,7 @@ import (
 // Authority is what the admin API needs of the certificate authority.
 type Authority interface {
 	CreateTokens(ctx context.Context, deviceIDs []string, ttl time.Duration, batch, actor string) ([]authority.TokenGrant, error)
-	RevokeDevice(ctx context.Context, deviceID string, reason int, actor string) (registry.RevokeResult, uint64, error)
+	RevokeDevice(ctx context.Context, deviceID string, reason int, actor string) (authority.Revocation, error)
 	RevokeCertificate(ctx context.Context, serial string, reason int, actor string) (registry.Revocation, error)
 	IssueIdentity(ctx context.Context, id identity.Identity, csr *x509.CertificateRequest, ttl time.Duration, actor string) (*x509.Certificate, error)
 	PeerIdentity(c *x509.Certificate) (identity.Identity, error)
@@ -270,8 +270,7 @@ func (h *Handler) revokeDevice(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	id := r.PathValue("id")
-	connected := h.cfg.Sessions != nil && h.cfg.Sessions.Connected(id)
-	res, crlNumber, err := h.cfg.Authority.RevokeDevice(r.Context(), id, reason, actor(r))
+	res, err := h.cfg.Authority.RevokeDevice(r.Context(), id, reason, actor(r))
 	if err != nil {
 		h.fail(w, r, err)
 		return
@@ -280,8 +279,8 @@ func (h *Handler) revokeDevice(w http.ResponseWriter, r *http.Request) {
 		Device:         h.apiDevice(r.Context(), res.Device),
 		RevokedSerials: []string{},
 		AlreadyRevoked: res.AlreadyRevoked,
-		Disconnected:   connected,
-		CRLNumber:      crlNumber,
+		Disconnected:   res.Disconnected,
+		CRLNumber:      res.CRLNumber,
 	}
 	for _, rv := range res.Revocations {
 		out.RevokedSerials = append(out.RevokedSerials, rv.Serial)
@@ -390,12 +389,14 @@ func (h *Handler) backup(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Content-Disposition", `attachment; filename="registry.db"`)
 	n, err := h.cfg.Store.Backup(r.Context(), w)
 	if err != nil {
-		// Headers are gone once bytes flowed; the client sees a short body.
 		h.log.Error("backup failed", "error", err, "written", n)
 		if n == 0 {
 			h.fail(w, r, err)
+			return
 		}
-		return
+		// The status line is gone: abort the connection so the client
+		// sees a broken transfer, never a short file that looks complete.
+		panic(http.ErrAbortHandler)
 	}
 	h.log.Info("backup served", "bytes", n, "actor", actor(r))
 }

@@ -76,7 +76,7 @@ type Authority struct {
 	mu sync.Mutex
 
 	listenersMu sync.Mutex
-	listeners   []func(deviceID string)
+	listeners   []func(deviceID string) bool
 
 	seen seenTracker
 }
@@ -156,8 +156,9 @@ func (a *Authority) ClientCAs() *x509.CertPool {
 }
 
 // OnRevoke registers fn to be called with each revoked device's ID right
-// after the revocation is committed and enforced in handshakes.
-func (a *Authority) OnRevoke(fn func(deviceID string)) {
+// after the revocation is committed and enforced in handshakes; fn reports
+// whether it closed a live session.
+func (a *Authority) OnRevoke(fn func(deviceID string) bool) {
 	a.listenersMu.Lock()
 	a.listeners = append(a.listeners, fn)
 	a.listenersMu.Unlock()
@@ -369,16 +370,26 @@ func (a *Authority) IssueIdentity(ctx context.Context, id identity.Identity, csr
 	return cert, nil
 }
 
+// Revocation is what RevokeDevice did.
+type Revocation struct {
+	registry.RevokeResult
+	// Disconnected is true when a live session was closed.
+	Disconnected bool
+	// CRLNumber of the CRL that lists the revocation.
+	CRLNumber uint64
+}
+
 // RevokeDevice revokes a device: the registry records it, its serials join
 // the in-memory set at once (refused in handshakes from then on), its live
 // sessions are cut through the OnRevoke listeners, and a new CRL is signed.
-func (a *Authority) RevokeDevice(ctx context.Context, deviceID string, reason int, actor string) (registry.RevokeResult, uint64, error) {
+func (a *Authority) RevokeDevice(ctx context.Context, deviceID string, reason int, actor string) (Revocation, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	res, err := a.store.RevokeDevice(ctx, deviceID, reason, a.now(), actor)
 	if err != nil {
-		return res, 0, err
+		return Revocation{}, err
 	}
+	out := Revocation{RevokeResult: res}
 	if !res.AlreadyRevoked {
 		a.addRevoked(res.Revocations)
 		a.m.Revocations.Inc()
@@ -386,14 +397,14 @@ func (a *Authority) RevokeDevice(ctx context.Context, deviceID string, reason in
 	}
 	// Listeners run even for a repeated revocation, so a session that
 	// somehow survived is cut now.
-	a.notify(deviceID)
-	if res.AlreadyRevoked {
-		return res, a.crl.Load().Number, nil
+	out.Disconnected = a.notify(deviceID)
+	if !res.AlreadyRevoked {
+		if err := a.resignLocked(ctx); err != nil {
+			return out, err
+		}
 	}
-	if err := a.resignLocked(ctx); err != nil {
-		return res, 0, err
-	}
-	return res, a.crl.Load().Number, nil
+	out.CRLNumber = a.crl.Load().Number
+	return out, nil
 }
 
 // RevokeCertificate revokes a single (service or operator) certificate.
@@ -425,13 +436,17 @@ func (a *Authority) addRevoked(revs []registry.Revocation) {
 	a.m.RevokedSerials.Set(float64(len(next)))
 }
 
-func (a *Authority) notify(deviceID string) {
+func (a *Authority) notify(deviceID string) bool {
 	a.listenersMu.Lock()
-	ls := append([]func(string){}, a.listeners...)
+	ls := append([]func(string) bool{}, a.listeners...)
 	a.listenersMu.Unlock()
+	cut := false
 	for _, fn := range ls {
-		fn(deviceID)
+		if fn(deviceID) {
+			cut = true
+		}
 	}
+	return cut
 }
 
 // CRL returns the current CRL.

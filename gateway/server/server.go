@@ -242,11 +242,13 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	s.ca.OnRevoke(func(deviceID string) {
+	s.ca.OnRevoke(func(deviceID string) bool {
 		start := time.Now()
 		if s.broker.Disconnect(deviceID) {
 			s.metrics.RevokeDisconnect.Observe(time.Since(start).Seconds())
+			return true
 		}
+		return false
 	})
 
 	estHandler, err := gwest.NewHandler(s.ca, log)

@@ -52,7 +52,9 @@ func NewClient(baseURL string, tlsConf *tls.Config) *Client {
 		ResponseHeaderTimeout: 60 * time.Second,
 		MaxIdleConnsPerHost:   16,
 	}
-	return &Client{BaseURL: strings.TrimRight(baseURL, "/"), HTTP: &http.Client{Transport: tr, Timeout: 5 * time.Minute}}
+	// No overall timeout: a backup may stream for long; callers bound
+	// requests with their context.
+	return &Client{BaseURL: strings.TrimRight(baseURL, "/"), HTTP: &http.Client{Transport: tr}}
 }
 
 // OperatorTLS builds the TLS configuration of an operator from a data
@@ -66,6 +68,9 @@ func ClientTLS(certFile, keyFile, caFile string) (*tls.Config, error) {
 	cert, err := tls.LoadX509KeyPair(certFile, keyFile)
 	if err != nil {
 		return nil, fmt.Errorf("load client certificate %s: %w", certFile, err)
+	}
+	if err := pki.CheckKeyFileMode(keyFile); err != nil {
+		return nil, err
 	}
 	cas, err := pki.ReadCertsFile(caFile)
 	if err != nil {

@@ -120,7 +120,7 @@ func Init(l Layout, o InitOptions) error {
 	if err := os.MkdirAll(l.Dir, 0o700); err != nil {
 		return fmt.Errorf("init: %w", err)
 	}
-	for _, p := range []string{l.IssuingKey(), l.IssuingCert(), l.RootCert()} {
+	for _, p := range []string{l.IssuingKey(), l.IssuingCert(), l.RootCert(), o.RootKeyPath} {
 		if _, err := os.Stat(p); err == nil {
 			return fmt.Errorf("init: %w: %s exists", ErrAlreadyInitialized, p)
 		} else if !errors.Is(err, fs.ErrNotExist) {
