@@ -357,7 +357,7 @@ func newWatcher(l pki.Layout, cert tls.Certificate, broker string) (*watcher, er
 		pool.AddCert(c)
 	}
 	w := &watcher{wake: make(chan struct{}, 1)}
-	opts := paho.NewClientOptions().AddBroker("ssl://"+broker).SetClientID("demo").
+	opts := paho.NewClientOptions().AddBroker("ssl://" + broker).SetClientID("demo").
 		SetTLSConfig(&tls.Config{RootCAs: pool, Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}).
 		SetProtocolVersion(4).SetAutoReconnect(false).SetConnectTimeout(10 * time.Second)
 	w.client = paho.NewClient(opts)

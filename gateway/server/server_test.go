@@ -240,7 +240,7 @@ func (e *env) mqttConnect(clientID string, conf *tls.Config) error {
 		conf.RootCAs = e.pool
 	}
 	conf.ServerName = "localhost"
-	opts := paho.NewClientOptions().AddBroker("ssl://"+e.srv.Addr("mqtt")).SetClientID(clientID).SetTLSConfig(conf).
+	opts := paho.NewClientOptions().AddBroker("ssl://" + e.srv.Addr("mqtt")).SetClientID(clientID).SetTLSConfig(conf).
 		SetProtocolVersion(4).SetAutoReconnect(false).SetConnectTimeout(5 * time.Second)
 	c := paho.NewClient(opts)
 	tok := c.Connect()
@@ -330,7 +330,7 @@ func TestRevocationCutsLiveSession(t *testing.T) {
 		t.Fatal(err)
 	}
 	lost := make(chan time.Time, 1)
-	opts := paho.NewClientOptions().AddBroker("ssl://"+e.srv.Addr("mqtt")).SetClientID("victim").
+	opts := paho.NewClientOptions().AddBroker("ssl://" + e.srv.Addr("mqtt")).SetClientID("victim").
 		SetTLSConfig(&tls.Config{RootCAs: e.pool, ServerName: "localhost", Certificates: []tls.Certificate{pkitest.TLSCert(cert, key, e.ca.Cert)}}).
 		SetProtocolVersion(4).SetAutoReconnect(false).
 		SetConnectionLostHandler(func(paho.Client, error) { lost <- time.Now() })

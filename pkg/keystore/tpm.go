@@ -55,11 +55,12 @@ var errBadSignature = errors.New("TPM returned a signature that does not verify"
 //	{"format":"fleetgate-tpm-key/v1","parent":"owner-ecc-p256-srk",
 //	 "public":"<base64 TPM2B_PUBLIC>","private":"<base64 TPM2B_PRIVATE>"}
 //
-// public and private are the marshalled TPM2B structures, byte for byte what
-// tpm2_create -u/-r writes, so `tpm2_load -C srk.ctx -u pub -r priv` can load
-// them for debugging. Keeping both halves in one file makes Commit a single
-// rename: a crash can never pair the public half of one key with the
-// private half of another.
+// public and private are the marshalled TPM2B structures (size-prefixed,
+// the encoding tpm2-tools uses for the files of tpm2_create -u/-r), under
+// the SRK that CreatePrimary makes from tpm2.ECCSRKTemplate in the owner
+// hierarchy. Keeping both halves in one file makes Commit a single rename:
+// a crash can never pair the public half of one key with the private half
+// of another.
 const TPMKeyFile = "device.tpm"
 
 const (
@@ -134,7 +135,7 @@ type loadedKey struct {
 // in dir. The store owns t and closes it in Close. OpenTPM opens the
 // connection from a path; tests hand in a simulator.
 func NewTPMStore(t transport.TPMCloser, dir string) *TPMStore {
-	return &TPMStore{tpm: t, dir: dir, path: "the given TPM transport"}
+	return &TPMStore{tpm: t, dir: dir, path: "(given transport)"}
 }
 
 // probe checks that the TPM answers, starting it up if nobody has (an
@@ -445,12 +446,17 @@ func unusable(path string, err error) error {
 	return fmt.Errorf("the key in %s %w: %w", path, ErrKeyUnusable, err)
 }
 
-// keyRejected reports whether the TPM refused the key material itself
-// (format-1 errors such as TPM_RC_INTEGRITY, or TPM_RC_SENSITIVE), as
-// opposed to a TPM state such as lockout or full object memory.
+// keyRejected reports whether the TPM refused the key material itself: a
+// format-1 error about a parameter (TPM_RC_INTEGRITY, TPM_RC_ATTRIBUTES...)
+// or TPM_RC_SENSITIVE, as opposed to a TPM state such as lockout or full
+// object memory, or a problem with the parent handle or its session.
 func keyRejected(err error) bool {
 	var f1 tpm2.TPMFmt1Error
-	return errors.As(err, &f1) || errors.Is(err, tpm2.TPMRCSensitive)
+	if errors.As(err, &f1) {
+		param, _ := f1.Parameter()
+		return param
+	}
+	return errors.Is(err, tpm2.TPMRCSensitive)
 }
 
 // staleHandle reports whether err says the handle names no loaded object.
