@@ -16,6 +16,8 @@ import (
 	"bytes"
 	"context"
 	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
@@ -45,6 +47,13 @@ type Credential struct {
 // TLSCertificate returns the credential for a TLS client.
 func (c *Credential) TLSCertificate() *tls.Certificate {
 	tc := &tls.Certificate{PrivateKey: c.Key, Leaf: c.Cert}
+	if _, software := c.Key.(*ecdsa.PrivateKey); !software {
+		if pub, ok := c.Key.Public().(*ecdsa.PublicKey); ok && pub.Curve == elliptic.P256() {
+			// A TPM signs P-256 with SHA-256 only; without this, TLS 1.2
+			// could pick ECDSA with SHA-384 against a server preferring it.
+			tc.SupportedSignatureAlgorithms = []tls.SignatureScheme{tls.ECDSAWithP256AndSHA256}
+		}
+	}
 	for _, cert := range c.Chain {
 		tc.Certificate = append(tc.Certificate, cert.Raw)
 	}

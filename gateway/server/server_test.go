@@ -37,15 +37,17 @@ type env struct {
 	td     string
 }
 
-func newEnv(t *testing.T) *env {
+func newEnv(t testing.TB, mods ...func(*server.Config)) *env {
 	t.Helper()
 	l := pki.Layout{Dir: t.TempDir()}
 	if err := pki.Init(l, pki.InitOptions{Hosts: []string{"localhost", "127.0.0.1"}}); err != nil {
 		t.Fatal(err)
 	}
-	srv, err := server.New(context.Background(), server.Config{
-		DataDir: l.Dir, MQTTListen: "127.0.0.1:0", ESTListen: "127.0.0.1:0", AdminListen: "127.0.0.1:0",
-	}, nil)
+	cfg := server.Config{DataDir: l.Dir, MQTTListen: "127.0.0.1:0", ESTListen: "127.0.0.1:0", AdminListen: "127.0.0.1:0"}
+	for _, m := range mods {
+		m(&cfg)
+	}
+	srv, err := server.New(context.Background(), cfg, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -81,7 +83,7 @@ func (e *env) est(cert *tls.Certificate) *est.Client {
 	})
 }
 
-func (e *env) token(t *testing.T, id string, ttl string) string {
+func (e *env) token(t testing.TB, id string, ttl string) string {
 	t.Helper()
 	resp, err := e.admin.CreateTokens(context.Background(), adminapi.TokenRequest{DeviceIDs: []string{id}, TTL: ttl})
 	if err != nil {
@@ -311,7 +313,7 @@ func TestMQTTRefusals(t *testing.T) {
 	}
 }
 
-func (e *env) deviceCert(t *testing.T, id string, is *pki.Issuer, ttl time.Duration) (*x509.Certificate, crypto.Signer) {
+func (e *env) deviceCert(t testing.TB, id string, is *pki.Issuer, ttl time.Duration) (*x509.Certificate, crypto.Signer) {
 	t.Helper()
 	key := pkitest.Key(t)
 	c, err := is.IssueIdentity(key.Public(), identity.Device(e.td, id), ttl)

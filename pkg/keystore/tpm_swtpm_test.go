@@ -8,122 +8,26 @@ import (
 	"errors"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"testing"
-	"time"
 
 	"github.com/google/go-tpm/tpm2"
 
 	"github.com/fleetgate/fleetgate/pkg/keystore"
+	"github.com/fleetgate/fleetgate/pkg/keystore/swtpmtest"
 )
 
 // Tests against swtpm, the software TPM that QEMU and CI use. They need the
 // swtpm binary and skip without it, unless FLEETGATE_REQUIRE_TOOLS=1.
 
-// needTool returns the path of an outside tool, or skips the test (fails
-// with FLEETGATE_REQUIRE_TOOLS=1) when it is not installed.
-func needTool(t testing.TB, name, pkg string) string {
-	t.Helper()
-	path, err := exec.LookPath(name)
-	if err != nil {
-		if os.Getenv("FLEETGATE_REQUIRE_TOOLS") == "1" {
-			t.Fatalf("%s not on PATH (install package %s): %v", name, pkg, err)
-		}
-		t.Skipf("%s not on PATH (install package %s to run this test; FLEETGATE_REQUIRE_TOOLS=1 makes this a failure)", name, pkg)
-	}
-	return path
-}
+// swtpm wraps the test process with the checks these tests need.
+type swtpm struct{ *swtpmtest.TPM }
 
-// swtpm is an swtpm process serving a TPM 2.0 on a unix socket.
-type swtpm struct {
-	t     testing.TB
-	bin   string
-	state string // TPM state directory (NV, seeds): the TPM's identity
-	sock  string
-	ctrl  string
-	log   string
-	cmd   *exec.Cmd
-	done  chan struct{}
-}
+func startSwtpm(t testing.TB) *swtpm { return &swtpm{swtpmtest.Start(t)} }
 
-// startSwtpm starts swtpm with a fresh state directory; it is killed at
-// cleanup. swtpm_setup is not needed: with --tpm2 and an empty state
-// directory swtpm manufactures a TPM (new seeds) on first start, and
-// --flags not-need-init,startup-clear makes it ready for commands without
-// the control channel's INIT or a TPM2_Startup.
-func startSwtpm(t testing.TB) *swtpm {
-	t.Helper()
-	bin := needTool(t, "swtpm", "swtpm")
-	// Unix socket paths are limited to 108 bytes: t.TempDir() with a long
-	// test name can exceed that.
-	run, err := os.MkdirTemp("", "fgswtpm")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(run) })
-	sw := &swtpm{
-		t:     t,
-		bin:   bin,
-		state: filepath.Join(run, "state"),
-		sock:  filepath.Join(run, "tpm.sock"),
-		ctrl:  filepath.Join(run, "ctrl.sock"),
-		log:   filepath.Join(run, "swtpm.log"),
-	}
-	if err := os.Mkdir(sw.state, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(sw.kill)
-	sw.start()
-	return sw
-}
+func (sw *swtpm) start() { sw.Restart() }
 
-// start runs swtpm on the state directory and waits until it accepts
-// connections.
-func (sw *swtpm) start() {
-	sw.t.Helper()
-	// A killed swtpm leaves its sockets behind.
-	os.Remove(sw.sock)
-	os.Remove(sw.ctrl)
-	sw.cmd = exec.Command(sw.bin, "socket", "--tpm2",
-		"--tpmstate", "dir="+sw.state,
-		"--server", "type=unixio,path="+sw.sock,
-		"--ctrl", "type=unixio,path="+sw.ctrl,
-		"--flags", "not-need-init,startup-clear",
-		"--log", "level=1,file="+sw.log)
-	if err := sw.cmd.Start(); err != nil {
-		sw.t.Fatalf("start swtpm: %v", err)
-	}
-	done := make(chan struct{})
-	sw.done = done
-	go func(cmd *exec.Cmd) { _ = cmd.Wait(); close(done) }(sw.cmd)
-	// Readiness, not speed: give a loaded CI machine plenty of time.
-	for deadline := time.Now().Add(20 * time.Second); ; {
-		select {
-		case <-done:
-			sw.t.Fatalf("swtpm exited at start: %s; log: %s", sw.cmd.ProcessState, sw.readLog())
-		default:
-		}
-		if c, err := net.Dial("unix", sw.sock); err == nil {
-			c.Close()
-			return
-		}
-		if time.Now().After(deadline) {
-			sw.t.Fatalf("swtpm socket %s did not come up; log: %s", sw.sock, sw.readLog())
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
-// kill stops swtpm with SIGKILL, as a power cut would, and reaps it.
-func (sw *swtpm) kill() {
-	if sw.cmd == nil {
-		return
-	}
-	_ = sw.cmd.Process.Kill()
-	<-sw.done
-	sw.cmd = nil
-}
+func (sw *swtpm) kill() { sw.Kill() }
 
 // transientObjects counts the transient objects loaded in swtpm. swtpm has
 // no resource manager: objects a store forgets to flush stay loaded across
@@ -134,7 +38,7 @@ func (sw *swtpm) transientObjects(t testing.TB) int {
 		Capability:    tpm2.TPMCapHandles,
 		Property:      uint32(tpm2.TPMHTTransient) << 24,
 		PropertyCount: 64,
-	}.Execute(sockTPM(sw.sock))
+	}.Execute(sockTPM(sw.Socket))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -163,15 +67,10 @@ func (p sockTPM) Send(cmd []byte) ([]byte, error) {
 	return rsp[:n], err
 }
 
-func (sw *swtpm) readLog() string {
-	b, _ := os.ReadFile(sw.log)
-	return string(b)
-}
-
 // open opens a store over the swtpm socket, closed at cleanup.
 func (sw *swtpm) open(t testing.TB, dir string) *keystore.TPMStore {
 	t.Helper()
-	s, err := keystore.OpenTPM(sw.sock, dir)
+	s, err := keystore.OpenTPM(sw.Socket, dir)
 	if err != nil {
 		t.Fatalf("OpenTPM: %v", err)
 	}
