@@ -330,4 +330,3 @@ func BenchmarkRevokeDisconnect(b *testing.B) {
 	}
 	b.ReportMetric(float64(total.Microseconds())/float64(b.N), "µs/revoke→disconnect")
 }
-
