@@ -141,8 +141,12 @@ func TestDeviceLifecycle(t *testing.T) {
 		t.Fatal("revoked certificate connected")
 	}
 
-	// Restart the gateway: the revocation survives.
+	// Restart the gateway (SIGTERM: a graceful stop, exit 0): the
+	// revocation survives.
 	g.proc.stop(10 * time.Second)
+	if code := g.proc.wait(t, time.Second); code != 0 {
+		t.Fatalf("gateway exit code %d after SIGTERM", code)
+	}
 	g.start(t)
 	if err := tryConnect(t, g, id, revokedCert); err == nil {
 		t.Fatal("revoked certificate connected after a gateway restart")
