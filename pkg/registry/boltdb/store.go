@@ -66,6 +66,7 @@ type Store struct {
 	path     string
 	readOnly bool
 	closed   atomic.Bool
+	group    groupCommit
 }
 
 var _ registry.Store = (*Store)(nil)

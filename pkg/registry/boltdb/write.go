@@ -99,7 +99,7 @@ func (s *Store) Enroll(ctx context.Context, e registry.Enrollment) (registry.Dev
 		return registry.Device{}, fmt.Errorf("%s: %w", op, err)
 	}
 	var dev registry.Device
-	err := s.update(ctx, op, func(t *txn) error {
+	err := s.grouped(ctx, op, func(t *txn) error {
 		tok, err := t.usableToken(e.DeviceID, e.TokenHash, e.Time)
 		if err != nil {
 			return err
@@ -171,7 +171,7 @@ func (s *Store) Renew(ctx context.Context, r registry.Renewal) (registry.Device,
 		return registry.Device{}, fmt.Errorf("%s: %w", op, err)
 	}
 	var dev registry.Device
-	err := s.update(ctx, op, func(t *txn) error {
+	err := s.grouped(ctx, op, func(t *txn) error {
 		d, found, err := t.device(r.DeviceID)
 		switch {
 		case err != nil:
