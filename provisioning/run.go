@@ -136,6 +136,7 @@ and $FLEETGATE_GATEWAY. Global flags may follow the subcommand.`,
 		a.certCommand(),
 		a.auditCommand(),
 		a.backupCommand(),
+		a.restoreCommand(),
 		a.versionCommand(),
 	)
 	return root

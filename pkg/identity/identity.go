@@ -135,6 +135,11 @@ func Parse(u *url.URL) (Identity, error) {
 	if u == nil || u.Scheme != "spiffe" || u.User != nil || u.RawQuery != "" || u.Fragment != "" || u.Port() != "" {
 		return Identity{}, fmt.Errorf("%w: not a SPIFFE ID", ErrNoIdentity)
 	}
+	// SPIFFE IDs are never percent-encoded: refuse an encoded path rather
+	// than read "device%2Fx" as device "x".
+	if u.RawPath != "" || strings.Contains(u.EscapedPath(), "%") {
+		return Identity{}, fmt.Errorf("%w: percent-encoded path", ErrNoIdentity)
+	}
 	role, name, ok := strings.Cut(strings.TrimPrefix(u.Path, "/"), "/")
 	if !ok || !strings.HasPrefix(u.Path, "/") {
 		return Identity{}, fmt.Errorf("%w: path %q is not /role/name", ErrNoIdentity, u.Path)
