@@ -7,6 +7,10 @@ import (
 	"fmt"
 	"io"
 
+	"github.com/fleetgate/fleetgate/gateway/authority"
+	"github.com/fleetgate/fleetgate/gateway/broker"
+	gwest "github.com/fleetgate/fleetgate/gateway/est"
+	"github.com/fleetgate/fleetgate/gateway/limit"
 	"github.com/fleetgate/fleetgate/gateway/server"
 	"github.com/fleetgate/fleetgate/pkg/cli"
 )
@@ -45,6 +49,15 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	fs.DurationVar(&cfg.CRLValidity, "crl-validity", 0, "CRL nextUpdate distance; re-signed at half of it (default 24h)")
 	fs.StringVar(&cfg.CRLURL, "crl-url", "", "CRL distribution point written into certificates (default https://<server name>:<EST port>/crl)")
 	fs.DurationVar(&cfg.ConnectTimeout, "connect-timeout", 0, "deadline for an MQTT client's TLS handshake and CONNECT (default 10s)")
+	lim := &cfg.Limits
+	fs.Var(&lim.EnrollRate, "est-enroll-rate", "EST simpleenroll/simplereenroll requests per source address, `RATE[:BURST]` per second or off; over it 429 (default "+gwest.DefaultEnrollRate.String()+")")
+	fs.Var(&lim.ESTReadRate, "est-read-rate", "other EST requests (cacerts, csrattrs, CRL) per source address, `RATE[:BURST]` or off (default "+gwest.DefaultReadRate.String()+")")
+	fs.Var(&lim.MQTTConnectRate, "mqtt-connect-rate", "MQTT connections per source address, `RATE[:BURST]` or off; over it closed before TLS (default "+broker.DefaultConnectRate.String()+")")
+	fs.Var(&lim.PublishRate, "mqtt-publish-rate", "publishes per device session, `RATE[:BURST]` or off; over it the session is paced (default "+broker.DefaultPublishRate.String()+")")
+	fs.IntVar(&lim.MaxPayload, "mqtt-max-payload", 0, fmt.Sprintf("largest device PUBLISH payload in bytes, -1 for the packet limit only (default %d)", broker.DefaultMaxPayload))
+	fs.IntVar(&lim.MaxHandshakes, "max-tls-handshakes", 0, fmt.Sprintf("TLS handshakes in flight per listener; more wait, then are shed (default %d)", limit.DefaultMaxHandshakes))
+	fs.IntVar(&lim.LockoutFailures, "enroll-lockout-failures", 0, fmt.Sprintf("bad enrollment tokens for one device ID that lock it out, -1 for no lockout (default %d)", authority.DefaultLockoutFailures))
+	fs.DurationVar(&lim.LockoutWindow, "enroll-lockout-window", 0, "window in which the bad tokens count, and length of the lockout (default 15m)")
 	fs.StringVar(&logFormat, "log-format", "auto", "log format: auto, text or json")
 	fs.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	fs.BoolVar(&showVersion, "version", false, "print the version and exit")

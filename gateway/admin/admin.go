@@ -431,8 +431,9 @@ func (h *Handler) fail(w http.ResponseWriter, r *http.Request, err error) {
 	if code >= 500 {
 		h.log.Error("admin request failed", "path", r.URL.Path, "error", err)
 		msg = "internal error; see the gateway log"
-		if code == http.StatusServiceUnavailable {
-			msg = "registry unavailable; try again later"
+		if reason, ok := authority.Unavailable(err); ok {
+			// The errno's text only: the error itself names files.
+			msg = "registry unavailable: " + reason + "; try again later"
 			w.Header().Set("Retry-After", "30")
 		}
 	}
@@ -450,11 +451,12 @@ func StatusOf(err error) int {
 		errors.Is(err, pki.ErrKeyPolicy), errors.Is(err, pki.ErrSubjectMismatch), errors.Is(err, identity.ErrInvalidName),
 		errors.Is(err, identity.ErrNoIdentity):
 		return http.StatusBadRequest
-	case errors.Is(err, registry.ErrClosed), errors.Is(err, context.DeadlineExceeded):
-		return http.StatusServiceUnavailable
-	default:
-		return http.StatusInternalServerError
 	}
+	// A full, failing or read-only disk, a closed registry.
+	if _, ok := authority.Unavailable(err); ok {
+		return http.StatusServiceUnavailable
+	}
+	return http.StatusInternalServerError
 }
 
 func writeJSON(w http.ResponseWriter, code int, v any) {

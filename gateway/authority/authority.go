@@ -12,9 +12,12 @@ import (
 	"fmt"
 	"log/slog"
 	"math/big"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"golang.org/x/time/rate"
 
 	"github.com/fleetgate/fleetgate/gateway/metrics"
 	"github.com/fleetgate/fleetgate/pkg/identity"
@@ -53,8 +56,14 @@ type Config struct {
 	CRLValidity time.Duration
 	// CRLFile, when set, receives every new CRL in PEM.
 	CRLFile string
-	Logger  *slog.Logger
-	Metrics *metrics.Metrics
+	// LockoutFailures bad tokens for one device ID within LockoutWindow
+	// lock that ID out of enrollment for LockoutWindow, right token or not
+	// (defaults DefaultLockoutFailures and DefaultLockoutWindow; a negative
+	// LockoutFailures turns the lockout off).
+	LockoutFailures int
+	LockoutWindow   time.Duration
+	Logger          *slog.Logger
+	Metrics         *metrics.Metrics
 	// Now overrides the clock (tests).
 	Now func() time.Time
 }
@@ -79,7 +88,16 @@ type Authority struct {
 	listeners   []func(deviceID string) bool
 
 	seen seenTracker
+
+	lock *lockouts
+	// lockAudit bounds the audit events lockouts write, the only registry
+	// writes an unauthenticated client can cause: a flood of bad tokens for
+	// random IDs would otherwise grow the audit log without bound.
+	lockAudit *rate.Limiter
 }
+
+// ActionEnrollLockout is the audit action of an enrollment lockout.
+const ActionEnrollLockout = "device.enroll_lockout"
 
 // CRL is a signed revocation list.
 type CRL struct {
@@ -115,7 +133,16 @@ func New(ctx context.Context, cfg Config) (*Authority, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
-	a := &Authority{cfg: cfg, log: cfg.Logger.With("component", "authority"), m: cfg.Metrics, store: cfg.Store}
+	if cfg.LockoutFailures == 0 {
+		cfg.LockoutFailures = DefaultLockoutFailures
+	}
+	if cfg.LockoutWindow <= 0 {
+		cfg.LockoutWindow = DefaultLockoutWindow
+	}
+	a := &Authority{cfg: cfg, log: cfg.Logger.With("component", "authority"), m: cfg.Metrics, store: cfg.Store,
+		lock:      newLockouts(cfg.LockoutFailures, cfg.LockoutWindow, DefaultMaxTracked),
+		lockAudit: rate.NewLimiter(rate.Every(10*time.Second), 20),
+	}
 	revs, err := cfg.Store.Revocations(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("load revocations: %w", err)
@@ -209,13 +236,23 @@ func certRecord(c *x509.Certificate, deviceID string) registry.Certificate {
 // Enroll trades a one-time token and a CSR for a device certificate. The
 // token is checked before any signing work, and consumed in the same
 // registry transaction that records the device and certificate.
+//
+// The registry never holds tokens, only their SHA-256 hashes, and finds a
+// token by its hash: the lookup's timing can tell a caller at most about
+// the hash of its own guess, never about a stored token, and the stored
+// hash is then compared in constant time (registry.HashEqual). Repeated
+// bad tokens for one device ID lock it out for a while (ErrLockedOut).
 func (a *Authority) Enroll(ctx context.Context, deviceID, token string, csr *x509.CertificateRequest) (*x509.Certificate, error) {
 	start := time.Now()
 	cert, err := a.enroll(ctx, deviceID, token, csr)
 	a.m.Enrollments.WithLabelValues(resultLabel(err)).Inc()
+	if errors.Is(err, registry.ErrTokenInvalid) && identity.ValidateName(deviceID) == nil {
+		a.enrollFailed(deviceID)
+	}
 	if err != nil {
 		return nil, err
 	}
+	a.lock.clear(deviceID)
 	a.m.EnrollDuration.Observe(time.Since(start).Seconds())
 	a.log.Info("device enrolled", "device", deviceID, "serial", pki.SerialHex(cert), "not_after", cert.NotAfter)
 	return cert, nil
@@ -225,11 +262,14 @@ func (a *Authority) enroll(ctx context.Context, deviceID, token string, csr *x50
 	if err := identity.ValidateName(deviceID); err != nil {
 		return nil, fmt.Errorf("%w: device ID: %v", registry.ErrTokenInvalid, err)
 	}
+	now := a.now()
+	if err := a.lock.check(deviceID, now); err != nil {
+		return nil, err
+	}
 	if token == "" {
 		return nil, fmt.Errorf("%w: empty token", registry.ErrTokenInvalid)
 	}
 	hash := registry.HashToken(token)
-	now := a.now()
 	if err := a.store.CheckToken(ctx, deviceID, hash, now); err != nil {
 		return nil, err
 	}
@@ -241,6 +281,42 @@ func (a *Authority) enroll(ctx context.Context, deviceID, token string, csr *x50
 		return nil, err
 	}
 	return cert, nil
+}
+
+// enrollFailed counts a bad token for deviceID; the attempt that starts a
+// lockout is logged and audited. The audit write runs on its own short
+// context: the lockout stands even if the client has gone.
+func (a *Authority) enrollFailed(deviceID string) {
+	until, started := a.lock.fail(deviceID, a.now())
+	if !started {
+		return
+	}
+	a.m.EnrollLockouts.Inc()
+	detail := fmt.Sprintf("%d bad enrollment tokens within %s; enrollment refused until %s",
+		a.cfg.LockoutFailures, shortDuration(a.cfg.LockoutWindow), until.UTC().Format(time.RFC3339))
+	a.log.Warn("enrollment locked out", "device", deviceID, "until", until, "failures", a.cfg.LockoutFailures, "window", a.cfg.LockoutWindow)
+	if !a.lockAudit.Allow() {
+		a.log.Warn("lockout not audited: too many lockouts", "device", deviceID)
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	ev := registry.AuditEvent{Time: a.now(), Actor: "gateway", Action: ActionEnrollLockout, DeviceID: deviceID, Detail: detail}
+	if err := a.store.AppendAudit(ctx, ev); err != nil {
+		a.log.Warn("audit lockout", "device", deviceID, "error", err)
+	}
+}
+
+// shortDuration drops zero minutes and seconds: "15m", not "15m0s".
+func shortDuration(d time.Duration) string {
+	s := d.String()
+	if strings.HasSuffix(s, "m0s") {
+		s = s[:len(s)-2]
+	}
+	if strings.HasSuffix(s, "h0m") {
+		s = s[:len(s)-2]
+	}
+	return s
 }
 
 // Reenroll renews the certificate of the device that authenticated with
@@ -292,11 +368,16 @@ func resultLabel(err error) string {
 		return "token_expired"
 	case errors.Is(err, registry.ErrRevoked):
 		return "revoked"
+	case errors.Is(err, ErrLockedOut):
+		return "locked_out"
 	case errors.Is(err, pki.ErrBadCSR), errors.Is(err, pki.ErrKeyPolicy), errors.Is(err, pki.ErrSubjectMismatch):
 		return "bad_csr"
 	case errors.Is(err, registry.ErrUnknownSerial), errors.Is(err, ErrNotDevice), errors.Is(err, identity.ErrNoIdentity):
 		return "not_authorized"
 	default:
+		if _, ok := Unavailable(err); ok {
+			return "registry_unavailable"
+		}
 		return "error"
 	}
 }
@@ -341,6 +422,11 @@ func (a *Authority) CreateTokens(ctx context.Context, deviceIDs []string, ttl ti
 	}
 	if err := a.store.CreateTokens(ctx, toks, actor); err != nil {
 		return nil, err
+	}
+	// An operator minting a token for a device decides who may enroll it:
+	// a lockout of its ID ends.
+	for _, id := range deviceIDs {
+		a.lock.clear(id)
 	}
 	a.log.Info("tokens created", "count", len(toks), "batch", batch, "actor", actor, "ttl", ttl)
 	return grants, nil

@@ -21,6 +21,7 @@ import (
 	"github.com/mochi-mqtt/server/v2/listeners"
 	"github.com/mochi-mqtt/server/v2/packets"
 
+	"github.com/fleetgate/fleetgate/gateway/limit"
 	"github.com/fleetgate/fleetgate/gateway/metrics"
 	"github.com/fleetgate/fleetgate/pkg/identity"
 	"github.com/fleetgate/fleetgate/pkg/topic"
@@ -36,6 +37,19 @@ const (
 	DefaultMaxPacketSize = 256 << 10
 	// DefaultMaxSessionExpiry bounds how long an offline session is kept.
 	DefaultMaxSessionExpiry = 24 * time.Hour
+	// DefaultMaxPayload bounds the payload of a device's PUBLISH:
+	// telemetry and state are small JSON documents.
+	DefaultMaxPayload = 64 << 10
+)
+
+// Default abuse limits. A site behind one NAT address is many devices, so
+// the per-source connect rate is generous: it only stops one address from
+// spending the gateway's CPU on handshakes (a full mutual-TLS connect costs
+// ~0.35 ms). A device publishes a sample every few seconds; 100 messages a
+// second with bursts of 200 leaves room for catching up after an outage.
+var (
+	DefaultConnectRate = limit.Rate{PerSecond: 100, Burst: 200}
+	DefaultPublishRate = limit.Rate{PerSecond: 100, Burst: 200}
 )
 
 // Config configures a Broker.
@@ -50,8 +64,23 @@ type Config struct {
 	ConnectTimeout time.Duration
 	// MaxKeepalive caps client keepalives.
 	MaxKeepalive time.Duration
-	// MaxPacketSize bounds every packet.
+	// MaxPacketSize bounds every packet; a larger one closes the
+	// connection.
 	MaxPacketSize uint32
+	// MaxPayload bounds the payload of a device's PUBLISH
+	// (DefaultMaxPayload when 0, none when negative).
+	MaxPayload int
+	// ConnectRate limits new connections per source address
+	// (DefaultConnectRate when zero; limit.Off for none). Connections over
+	// it are closed before the TLS handshake. With it off, one source's
+	// handshakes in flight are not capped either.
+	ConnectRate limit.Rate
+	// MaxHandshakes bounds the TLS handshakes in flight
+	// (limit.DefaultMaxHandshakes when 0).
+	MaxHandshakes int
+	// PublishRate limits each device session's publishes
+	// (DefaultPublishRate when zero; limit.Off for none).
+	PublishRate limit.Rate
 	// OnSeen is called when a device connects or disconnects.
 	OnSeen func(deviceID string, t time.Time)
 	// Revoked reports whether a certificate is revoked; it closes the gap
@@ -86,6 +115,16 @@ func New(cfg Config) (*Broker, error) {
 	if cfg.MaxPacketSize == 0 {
 		cfg.MaxPacketSize = DefaultMaxPacketSize
 	}
+	if cfg.MaxPayload == 0 {
+		cfg.MaxPayload = DefaultMaxPayload
+	}
+	cfg.ConnectRate = cfg.ConnectRate.Or(DefaultConnectRate)
+	cfg.PublishRate = cfg.PublishRate.Or(DefaultPublishRate)
+	for name, r := range map[string]limit.Rate{"connect rate": cfg.ConnectRate, "publish rate": cfg.PublishRate} {
+		if err := r.Validate(); err != nil {
+			return nil, fmt.Errorf("broker: %s: %w", name, err)
+		}
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -113,15 +152,45 @@ func New(cfg Config) (*Broker, error) {
 		log:          log,
 		m:            cfg.Metrics,
 		current:      make(map[string]*mqtt.Client),
+		maxPayload:   cfg.MaxPayload,
+		publishRate:  cfg.PublishRate,
 	}
 	if err := srv.AddHook(h, nil); err != nil {
 		return nil, fmt.Errorf("broker: add hook: %w", err)
 	}
-	l := &tlsListener{Listener: cfg.Listener, conf: cfg.TLS, timeout: cfg.ConnectTimeout, log: log, m: cfg.Metrics}
+	// The handshake deadline stays on the connection, so the TLS handshake
+	// and the CONNECT packet together must arrive within ConnectTimeout
+	// (mochi sets no deadline before CONNECT: an idle socket would stay
+	// open forever, and a CONNECT trickled one byte at a time would too).
+	m := cfg.Metrics
+	l := limit.NewListener(cfg.Listener, limit.ListenerConfig{
+		Name:          "mqtt",
+		TLS:           cfg.TLS,
+		Timeout:       cfg.ConnectTimeout,
+		KeepDeadline:  true,
+		ConnectRate:   cfg.ConnectRate,
+		MaxHandshakes: cfg.MaxHandshakes,
+		MaxPerSource:  perSource(cfg.ConnectRate),
+		OnHandshakeError: func(_ net.Addr, err error) {
+			m.HandshakeFailures.WithLabelValues(HandshakeFailureReason(err)).Inc()
+		},
+		Logger:  log,
+		Metrics: m,
+	})
 	if err := srv.AddListener(listeners.NewNet("mqtt-tls", l)); err != nil {
 		return nil, fmt.Errorf("broker: add listener: %w", err)
 	}
 	return &Broker{srv: srv, hook: h, addr: cfg.Listener.Addr(), log: log}, nil
+}
+
+// perSource is the listener's cap on one source's handshakes in flight:
+// the default, or none when per-source limits are off (a load generator,
+// or clients behind a balancer that hides their addresses).
+func perSource(connectRate limit.Rate) int {
+	if connectRate.IsOff() {
+		return -1
+	}
+	return 0
 }
 
 // Serve starts accepting clients; it returns at once.
@@ -146,6 +215,27 @@ func (b *Broker) Disconnect(deviceID string) bool {
 	_ = b.srv.DisconnectClient(cl, packets.ErrAdministrativeAction)
 	b.log.Info("session closed", "device", deviceID, "reason", "revoked")
 	return true
+}
+
+// Revoke closes the live session of a revoked device, like Disconnect, and
+// also forgets its stored session (subscriptions, queued and in-flight
+// messages), so nothing waits for a device that may never come back. It
+// reports whether a live session was closed.
+func (b *Broker) Revoke(deviceID string) bool {
+	live := b.Disconnect(deviceID)
+	if cl, ok := b.srv.Clients.Get(deviceID); ok {
+		b.srv.UnsubscribeClient(cl)
+		cl.ClearInflights()
+		b.srv.Clients.Delete(deviceID)
+	}
+	return live
+}
+
+// HasSession reports whether the broker holds a session for a device, live
+// or stored for a client that asked for a persistent one.
+func (b *Broker) HasSession(deviceID string) bool {
+	_, ok := b.srv.Clients.Get(deviceID)
+	return ok
 }
 
 // Connected reports whether a device has a live session.
@@ -185,6 +275,14 @@ type hook struct {
 	// taken-over session neither publishes "offline" nor hides the new one.
 	current  map[string]*mqtt.Client
 	sessions int
+
+	// maxPayload bounds device payloads (<= 0: none).
+	maxPayload int
+	// publishRate is each device session's publish bucket; buckets holds
+	// them by *mqtt.Client (a sync.Map: read on every publish without a
+	// shared lock, written once per session).
+	publishRate limit.Rate
+	buckets     sync.Map
 }
 
 // servicePrefix starts the internal client ID of every service session.
@@ -208,7 +306,7 @@ func (h *hook) ID() string { return "fleetgate" }
 func (h *hook) Provides(b byte) bool {
 	switch b {
 	case mqtt.OnConnect, mqtt.OnConnectAuthenticate, mqtt.OnACLCheck,
-		mqtt.OnSessionEstablished, mqtt.OnDisconnect, mqtt.OnPublished, mqtt.OnPacketSent, mqtt.OnPublishDropped:
+		mqtt.OnSessionEstablished, mqtt.OnDisconnect, mqtt.OnPublish, mqtt.OnPublished, mqtt.OnPacketSent, mqtt.OnPublishDropped:
 		return true
 	}
 	return false
@@ -327,6 +425,9 @@ func (h *hook) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
 	if role != identity.RoleDevice {
 		return
 	}
+	if p := limit.NewPacer(h.publishRate); p != nil {
+		h.buckets.Store(cl, p)
+	}
 	if h.onSeen != nil {
 		h.onSeen(name, time.Now())
 	}
@@ -340,6 +441,7 @@ func (h *hook) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
 
 func (h *hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 	role, name := clientIdentity(cl.ID)
+	h.buckets.Delete(cl)
 	h.m.Sessions.Dec()
 	h.mu.Lock()
 	h.sessions--

@@ -5,74 +5,9 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
-	"log/slog"
 	"net"
 	"strings"
-	"time"
-
-	"github.com/fleetgate/fleetgate/gateway/metrics"
 )
-
-// tlsListener accepts TCP connections, gives each a deadline for the TLS
-// handshake and the CONNECT packet (mochi sets none before CONNECT: an idle
-// socket would stay open forever) and wraps it in TLS. The handshake runs on
-// the connection's own goroutine at its first read, and its failures are
-// counted by reason.
-type tlsListener struct {
-	net.Listener
-	conf    *tls.Config
-	timeout time.Duration
-	log     *slog.Logger
-	m       *metrics.Metrics
-}
-
-// Accept implements net.Listener. Transient errors (out of file
-// descriptors) are retried with a pause instead of being returned: mochi
-// stops serving a listener on the first Accept error.
-func (l *tlsListener) Accept() (net.Conn, error) {
-	var pause time.Duration
-	for {
-		c, err := l.Listener.Accept()
-		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
-				return nil, err
-			}
-			if pause == 0 {
-				pause = 5 * time.Millisecond
-			} else if pause < time.Second {
-				pause *= 2
-			}
-			l.log.Warn("accept failed; retrying", "error", err, "pause", pause)
-			time.Sleep(pause)
-			continue
-		}
-		_ = c.SetDeadline(time.Now().Add(l.timeout))
-		return &tlsConn{Conn: tls.Server(c, l.conf), timeout: l.timeout, m: l.m}, nil
-	}
-}
-
-// tlsConn performs the handshake explicitly on first read so its failure
-// can be classified.
-type tlsConn struct {
-	*tls.Conn
-	timeout time.Duration
-	m       *metrics.Metrics
-	done    bool // only the reading goroutine touches it
-}
-
-func (c *tlsConn) Read(b []byte) (int, error) {
-	if !c.done {
-		ctx, cancel := context.WithTimeout(context.Background(), c.timeout)
-		err := c.Conn.HandshakeContext(ctx)
-		cancel()
-		if err != nil {
-			c.m.HandshakeFailures.WithLabelValues(HandshakeFailureReason(err)).Inc()
-			return 0, err
-		}
-		c.done = true
-	}
-	return c.Conn.Read(b)
-}
 
 // HandshakeFailureReason classifies a server-side TLS handshake error for
 // metrics and logs.

@@ -10,9 +10,15 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"strconv"
 	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/fleetgate/fleetgate/gateway/authority"
+	"github.com/fleetgate/fleetgate/gateway/limit"
+	"github.com/fleetgate/fleetgate/gateway/metrics"
 	"github.com/fleetgate/fleetgate/pkg/est"
 	"github.com/fleetgate/fleetgate/pkg/identity"
 	"github.com/fleetgate/fleetgate/pkg/pki"
@@ -27,6 +33,33 @@ type Authority interface {
 	CRL() *authority.CRL
 }
 
+// Default per-source request rates. A factory line enrolls its devices
+// from behind one NAT address, a few a second at most even when a rack of
+// boards boots at once: 50 enrollments a second with bursts of 100 never
+// holds a line up, and still keeps one address from spending the CA's CPU
+// (a CSR check and signature) and the registry's writes. Reads (CA
+// certificates, CSR attributes, the CRL that every agent polls) are cheap
+// and come from whole fleets behind one address: five times looser.
+var (
+	DefaultEnrollRate = limit.Rate{PerSecond: 50, Burst: 100}
+	DefaultReadRate   = limit.Rate{PerSecond: 250, Burst: 500}
+)
+
+// Config configures the EST handler.
+type Config struct {
+	Authority Authority
+	Logger    *slog.Logger
+	Metrics   *metrics.Metrics
+	// EnrollRate limits simpleenroll and simplereenroll requests per
+	// source address, ReadRate every other request but /healthz
+	// (defaults DefaultEnrollRate and DefaultReadRate; limit.Off for none).
+	EnrollRate limit.Rate
+	ReadRate   limit.Rate
+	// MaxSources bounds the source addresses tracked per rate
+	// (limit.DefaultMaxSources when 0).
+	MaxSources int
+}
+
 // Handler serves EST and the CRL.
 type Handler struct {
 	ca  Authority
@@ -34,18 +67,42 @@ type Handler struct {
 	mux *http.ServeMux
 	// caBody is the cacerts answer, computed once.
 	caBody []byte
+
+	enroll, read               *limit.Sources
+	enrollLimited, readLimited prometheus.Counter
 }
 
 // NewHandler returns the EST handler.
-func NewHandler(ca Authority, log *slog.Logger) (*Handler, error) {
+func NewHandler(cfg Config) (*Handler, error) {
+	if cfg.Authority == nil {
+		return nil, errors.New("est: authority is required")
+	}
+	log := cfg.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
+	if cfg.Metrics == nil {
+		cfg.Metrics = metrics.New()
+	}
+	cfg.EnrollRate = cfg.EnrollRate.Or(DefaultEnrollRate)
+	cfg.ReadRate = cfg.ReadRate.Or(DefaultReadRate)
+	for name, r := range map[string]limit.Rate{"enroll rate": cfg.EnrollRate, "read rate": cfg.ReadRate} {
+		if err := r.Validate(); err != nil {
+			return nil, fmt.Errorf("est: %s: %w", name, err)
+		}
+	}
+	ca := cfg.Authority
 	body, err := est.EncodeCerts(ca.CACerts()...)
 	if err != nil {
 		return nil, err
 	}
-	h := &Handler{ca: ca, log: log.With("component", "est"), mux: http.NewServeMux(), caBody: body}
+	h := &Handler{
+		ca: ca, log: log.With("component", "est"), mux: http.NewServeMux(), caBody: body,
+		enroll:        limit.NewSources(cfg.EnrollRate, 0, cfg.MaxSources),
+		read:          limit.NewSources(cfg.ReadRate, 0, cfg.MaxSources),
+		enrollLimited: cfg.Metrics.RateLimited.WithLabelValues("est_enroll"),
+		readLimited:   cfg.Metrics.RateLimited.WithLabelValues("est_read"),
+	}
 	h.mux.HandleFunc("GET "+est.PathCACerts, h.cacerts)
 	h.mux.HandleFunc("POST "+est.PathEnroll, h.simpleenroll)
 	h.mux.HandleFunc("POST "+est.PathReenroll, h.simplereenroll)
@@ -59,8 +116,33 @@ func NewHandler(ca Authority, log *slog.Logger) (*Handler, error) {
 	return h, nil
 }
 
-// ServeHTTP implements http.Handler.
-func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) { h.mux.ServeHTTP(w, r) }
+// ServeHTTP implements http.Handler: the per-source rate first, then the
+// EST handlers.
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	src, limited := h.read, h.readLimited
+	switch r.URL.Path {
+	case "/healthz":
+		src = nil // load balancers poll it; it costs nothing
+	case est.PathEnroll, est.PathReenroll:
+		src, limited = h.enroll, h.enrollLimited
+	}
+	if src != nil {
+		if ok, wait := src.Allow(limit.SourceOf(r.RemoteAddr), time.Now()); !ok {
+			limited.Inc()
+			secs := retryAfterSeconds(wait)
+			w.Header().Set("Retry-After", strconv.Itoa(secs))
+			h.log.Debug("request refused: rate limited", "remote", r.RemoteAddr, "path", r.URL.Path)
+			httpError(w, http.StatusTooManyRequests, fmt.Sprintf("too many requests from your address; retry in %d s", secs))
+			return
+		}
+	}
+	h.mux.ServeHTTP(w, r)
+}
+
+// retryAfterSeconds rounds a wait up to whole seconds, at least one.
+func retryAfterSeconds(d time.Duration) int {
+	return max(1, int((d+time.Second-1)/time.Second))
+}
 
 func (h *Handler) cacerts(w http.ResponseWriter, r *http.Request) {
 	writeCerts(w, h.caBody)
@@ -160,13 +242,18 @@ func (h *Handler) fail(w http.ResponseWriter, r *http.Request, op, who string, e
 	if code == http.StatusUnauthorized {
 		w.Header().Set("WWW-Authenticate", `Basic realm="fleetgate enrollment"`)
 	}
+	var ra interface{ RetryAfter() time.Duration }
+	if errors.As(err, &ra) {
+		w.Header().Set("Retry-After", strconv.Itoa(retryAfterSeconds(ra.RetryAfter())))
+	}
 	msg := err.Error()
 	if code >= 500 {
 		h.log.Error(op+" failed", "device", who, "remote", r.RemoteAddr, "error", err)
 		msg = "internal error; see the gateway log"
-		if code == http.StatusServiceUnavailable {
-			msg = "registry unavailable; try again later"
-			w.Header().Set("Retry-After", "30")
+		if reason, ok := authority.Unavailable(err); ok {
+			// The errno's text only: the error itself names files.
+			msg = "registry unavailable: " + reason + "; try again later"
+			w.Header().Set("Retry-After", strconv.Itoa(retryUnavailable))
 		}
 	} else {
 		h.log.Info(op+" refused", "device", who, "remote", r.RemoteAddr, "status", code, "error", err)
@@ -190,12 +277,17 @@ func StatusOf(err error) int {
 		return http.StatusBadRequest
 	case errors.Is(err, registry.ErrConflict):
 		return http.StatusConflict
-	case errors.Is(err, registry.ErrClosed), errors.Is(err, context.DeadlineExceeded):
-		return http.StatusServiceUnavailable
-	default:
-		return http.StatusInternalServerError
+	case errors.Is(err, authority.ErrLockedOut):
+		return http.StatusTooManyRequests
 	}
+	if _, ok := authority.Unavailable(err); ok {
+		return http.StatusServiceUnavailable
+	}
+	return http.StatusInternalServerError
 }
+
+// retryUnavailable is the Retry-After, in seconds, of a 503 answer.
+const retryUnavailable = 30
 
 // httpError writes a one-line plain-text reason.
 func httpError(w http.ResponseWriter, code int, msg string) {

@@ -24,6 +24,16 @@ type Metrics struct {
 	MessagesOut       prometheus.Counter
 	MessagesDropped   prometheus.Counter
 	ACLDenials        *prometheus.CounterVec // by action
+	// PublishesThrottled counts device publishes held back by the
+	// per-session publish rate; PublishRefusals those refused outright.
+	PublishesThrottled prometheus.Counter
+	PublishRefusals    *prometheus.CounterVec // by reason
+
+	// Abuse controls
+	RateLimited        *prometheus.CounterVec // by surface
+	HandshakesShed     *prometheus.CounterVec // by listener and reason
+	HandshakesInFlight *prometheus.GaugeVec   // by listener
+	EnrollLockouts     prometheus.Counter
 
 	// Enrollment and revocation
 	Enrollments      *prometheus.CounterVec // by result
@@ -64,6 +74,24 @@ func New() *Metrics {
 		ACLDenials: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "fleetgate_mqtt_acl_denials_total", Help: "Publishes and subscriptions denied by the topic ACL.",
 		}, []string{"action"}),
+		PublishesThrottled: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "fleetgate_mqtt_publishes_throttled_total", Help: "Device publishes delayed because the session exceeded its publish rate.",
+		}),
+		PublishRefusals: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "fleetgate_mqtt_publish_refusals_total", Help: "Device publishes refused, by reason.",
+		}, []string{"reason"}),
+		RateLimited: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "fleetgate_rate_limited_total", Help: "Requests and connections refused by a per-source rate limit, by surface.",
+		}, []string{"surface"}),
+		HandshakesShed: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "fleetgate_tls_handshakes_shed_total", Help: "Connections closed before their TLS handshake because too many handshakes were in flight, by listener and reason.",
+		}, []string{"listener", "reason"}),
+		HandshakesInFlight: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "fleetgate_tls_handshakes_in_flight", Help: "TLS handshakes running, by listener.",
+		}, []string{"listener"}),
+		EnrollLockouts: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "fleetgate_enroll_lockouts_total", Help: "Device IDs locked out of enrollment after repeated bad tokens.",
+		}),
 		Enrollments: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "fleetgate_enrollments_total", Help: "EST simpleenroll requests by result.",
 		}, []string{"result"}),
@@ -93,6 +121,8 @@ func New() *Metrics {
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		m.Sessions, m.Connects, m.ConnectRefusals, m.HandshakeFailures,
 		m.MessagesIn, m.MessagesOut, m.MessagesDropped, m.ACLDenials,
+		m.PublishesThrottled, m.PublishRefusals,
+		m.RateLimited, m.HandshakesShed, m.HandshakesInFlight, m.EnrollLockouts,
 		m.Enrollments, m.Renewals, m.EnrollDuration,
 		m.Revocations, m.RevokedSerials, m.RevokeDisconnect, m.CRLNumber,
 	)

@@ -16,6 +16,7 @@ import (
 
 	"github.com/mochi-mqtt/server/v2/packets"
 
+	"github.com/fleetgate/fleetgate/gateway/limit"
 	"github.com/fleetgate/fleetgate/gateway/server"
 	"github.com/fleetgate/fleetgate/pkg/adminapi"
 	"github.com/fleetgate/fleetgate/pkg/pki/pkitest"
@@ -209,10 +210,16 @@ func TestMetricsCountRefusalsAndEnrollments(t *testing.T) {
 	}
 }
 
+// limitsOff switches the per-source abuse limits off: benchmarks load the
+// gateway from one address on purpose.
+func limitsOff(c *server.Config) {
+	c.Limits.EnrollRate, c.Limits.ESTReadRate, c.Limits.MQTTConnectRate, c.Limits.PublishRate = limit.Off, limit.Off, limit.Off, limit.Off
+}
+
 // BenchmarkEnroll measures whole EST enrollments over HTTPS: TLS, token
 // check, CSR verification, issuance and a durable registry commit.
 func BenchmarkEnroll(b *testing.B) {
-	e := newEnv(b)
+	e := newEnv(b, limitsOff)
 	ctx := context.Background()
 	ids := make([]string, b.N)
 	for i := range ids {
@@ -262,7 +269,7 @@ func BenchmarkMQTTConnect(b *testing.B) {
 			name = "resumed session"
 		}
 		b.Run(name, func(b *testing.B) {
-			e := newEnv(b)
+			e := newEnv(b, limitsOff)
 			// One device per goroutine: devices sharing a client ID would
 			// take over each other's sessions.
 			const workers = 8
@@ -296,7 +303,7 @@ func BenchmarkMQTTConnect(b *testing.B) {
 // BenchmarkRevokeDisconnect measures the time from a revoke request (admin
 // API over mTLS) until the device's live MQTT connection is closed.
 func BenchmarkRevokeDisconnect(b *testing.B) {
-	e := newEnv(b)
+	e := newEnv(b, limitsOff)
 	ctx := context.Background()
 	var total time.Duration
 	for i := range b.N {

@@ -18,15 +18,18 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/fleetgate/fleetgate/gateway/admin"
 	"github.com/fleetgate/fleetgate/gateway/authority"
 	"github.com/fleetgate/fleetgate/gateway/broker"
 	gwest "github.com/fleetgate/fleetgate/gateway/est"
+	"github.com/fleetgate/fleetgate/gateway/limit"
 	"github.com/fleetgate/fleetgate/gateway/metrics"
 	"github.com/fleetgate/fleetgate/pkg/identity"
 	"github.com/fleetgate/fleetgate/pkg/pki"
+	"github.com/fleetgate/fleetgate/pkg/registry"
 	"github.com/fleetgate/fleetgate/pkg/registry/boltdb"
 )
 
@@ -57,6 +60,101 @@ type Config struct {
 	ConnectTimeout time.Duration
 	// SeenFlushInterval is how often last-seen times reach the registry.
 	SeenFlushInterval time.Duration
+	// ReadHeaderTimeout bounds the TLS handshake and the request headers,
+	// ReadTimeout the whole request, on the EST and admin listeners
+	// (defaults 10s and 30s): a client trickling bytes is cut off.
+	ReadHeaderTimeout time.Duration
+	ReadTimeout       time.Duration
+	// Limits bounds what one source address, session or device ID may ask
+	// of the gateway.
+	Limits Limits
+	// WrapStore, when set, wraps the registry before anything uses it. It
+	// is a seam for tests that inject storage faults (a fake that wraps the
+	// real store); production leaves it nil.
+	WrapStore func(registry.Store) registry.Store
+}
+
+// Limits are the gateway's abuse limits. Zero fields take the defaults
+// (filled by SetDefaults); limit.Off turns a rate off, a negative
+// MaxPayload or LockoutFailures turns that limit off.
+// Sources are TCP peer addresses (IPv6 by /64): behind a TCP load balancer
+// without the PROXY protocol every client shares one address, so raise or
+// turn off the per-source limits there.
+type Limits struct {
+	// EnrollRate: EST simpleenroll and simplereenroll requests per source;
+	// ESTReadRate: other EST requests (cacerts, csrattrs, CRL) per source.
+	// Over them: 429 with Retry-After. Connections to the EST listener
+	// beyond the two together are closed before the TLS handshake.
+	// Turning either off also lifts the per-source cap on handshakes in
+	// flight (a quarter of MaxHandshakes) on the EST listener, as turning
+	// MQTTConnectRate off does on the MQTT one.
+	EnrollRate  limit.Rate
+	ESTReadRate limit.Rate
+	// MQTTConnectRate: new MQTT connections per source, closed before the
+	// TLS handshake when over it.
+	MQTTConnectRate limit.Rate
+	// MaxHandshakes bounds the TLS handshakes in flight on each listener.
+	MaxHandshakes int
+	// PublishRate: publishes per device session; over it the session's
+	// reader is paced (delayed, nothing dropped).
+	PublishRate limit.Rate
+	// MaxPayload bounds a device PUBLISH payload in bytes.
+	MaxPayload int
+	// LockoutFailures bad enrollment tokens for one device ID within
+	// LockoutWindow lock the ID out for LockoutWindow.
+	LockoutFailures int
+	LockoutWindow   time.Duration
+}
+
+// setDefaults fills zero fields.
+func (l *Limits) setDefaults() {
+	l.EnrollRate = l.EnrollRate.Or(gwest.DefaultEnrollRate)
+	l.ESTReadRate = l.ESTReadRate.Or(gwest.DefaultReadRate)
+	l.MQTTConnectRate = l.MQTTConnectRate.Or(broker.DefaultConnectRate)
+	l.PublishRate = l.PublishRate.Or(broker.DefaultPublishRate)
+	if l.MaxHandshakes == 0 {
+		l.MaxHandshakes = limit.DefaultMaxHandshakes
+	}
+	if l.MaxPayload == 0 {
+		l.MaxPayload = broker.DefaultMaxPayload
+	}
+	if l.LockoutFailures == 0 {
+		l.LockoutFailures = authority.DefaultLockoutFailures
+	}
+	if l.LockoutWindow == 0 {
+		l.LockoutWindow = authority.DefaultLockoutWindow
+	}
+}
+
+func (l *Limits) validate() error {
+	for name, r := range map[string]limit.Rate{
+		"--est-enroll-rate": l.EnrollRate, "--est-read-rate": l.ESTReadRate,
+		"--mqtt-connect-rate": l.MQTTConnectRate, "--mqtt-publish-rate": l.PublishRate,
+	} {
+		if err := r.Validate(); err != nil {
+			return fmt.Errorf("%s: %w", name, err)
+		}
+	}
+	if l.MaxHandshakes < 1 {
+		return fmt.Errorf("--max-tls-handshakes %d must be at least 1", l.MaxHandshakes)
+	}
+	if l.MaxPayload > broker.DefaultMaxPacketSize-1024 {
+		return fmt.Errorf("--mqtt-max-payload %d exceeds the MQTT packet limit (%d bytes with headers)", l.MaxPayload, broker.DefaultMaxPacketSize)
+	}
+	if l.LockoutFailures > 0 && l.LockoutWindow < time.Second {
+		return fmt.Errorf("--enroll-lockout-window %v is under a second", l.LockoutWindow)
+	}
+	return nil
+}
+
+// estConnectRate is the EST listener's per-source connection rate: the
+// enroll and read rates together, so a client that ignores 429 answers
+// costs no TLS handshakes beyond what the two would answer.
+func (l Limits) estConnectRate() limit.Rate {
+	if l.EnrollRate.IsOff() || l.ESTReadRate.IsOff() {
+		return limit.Off
+	}
+	return limit.Rate{PerSecond: l.EnrollRate.PerSecond + l.ESTReadRate.PerSecond, Burst: l.EnrollRate.Burst + l.ESTReadRate.Burst}
 }
 
 // Defaults for Config.
@@ -103,6 +201,13 @@ func (c *Config) SetDefaults() {
 	if c.SeenFlushInterval == 0 {
 		c.SeenFlushInterval = 30 * time.Second
 	}
+	if c.ReadHeaderTimeout == 0 {
+		c.ReadHeaderTimeout = 10 * time.Second
+	}
+	if c.ReadTimeout == 0 {
+		c.ReadTimeout = 30 * time.Second
+	}
+	c.Limits.setDefaults()
 }
 
 // Validate checks the configuration and makes paths absolute.
@@ -131,7 +236,7 @@ func (c *Config) Validate() error {
 	if c.CRLValidity < 10*time.Minute {
 		return fmt.Errorf("CRL validity %v is under 10 minutes", c.CRLValidity)
 	}
-	return nil
+	return c.Limits.validate()
 }
 
 // Server is a running gateway.
@@ -140,6 +245,7 @@ type Server struct {
 	log     *slog.Logger
 	metrics *metrics.Metrics
 	store   *boltdb.Store
+	reg     registry.Store // store, or what WrapStore made of it
 	ca      *authority.Authority
 	broker  *broker.Broker
 
@@ -194,17 +300,24 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Server, error) {
 
 	s.store, err = boltdb.Open(layout.Registry(), boltdb.Options{Timeout: 5 * time.Second})
 	if err != nil {
-		return nil, err
+		return nil, explainUnwritable(layout.Dir, layout.Registry(), err)
 	}
+	s.reg = s.store
+	if cfg.WrapStore != nil {
+		s.reg = cfg.WrapStore(s.store)
+	}
+	lim := cfg.Limits
 	s.ca, err = authority.New(ctx, authority.Config{
-		Issuer:      &pki.Issuer{CA: ca, TrustDomain: td, CRLURLs: []string{crlURL}},
-		Store:       s.store,
-		DeviceTTL:   cfg.DeviceTTL,
-		TokenTTL:    cfg.TokenTTL,
-		CRLValidity: cfg.CRLValidity,
-		CRLFile:     layout.CRL(),
-		Logger:      log,
-		Metrics:     s.metrics,
+		Issuer:          &pki.Issuer{CA: ca, TrustDomain: td, CRLURLs: []string{crlURL}},
+		Store:           s.reg,
+		DeviceTTL:       cfg.DeviceTTL,
+		TokenTTL:        cfg.TokenTTL,
+		CRLValidity:     cfg.CRLValidity,
+		CRLFile:         layout.CRL(),
+		LockoutFailures: lim.LockoutFailures,
+		LockoutWindow:   lim.LockoutWindow,
+		Logger:          log,
+		Metrics:         s.metrics,
 	})
 	if err != nil {
 		return nil, err
@@ -234,6 +347,10 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Server, error) {
 		TLS:            mqttTLS,
 		TrustDomain:    td,
 		ConnectTimeout: cfg.ConnectTimeout,
+		MaxPayload:     lim.MaxPayload,
+		ConnectRate:    lim.MQTTConnectRate,
+		MaxHandshakes:  lim.MaxHandshakes,
+		PublishRate:    lim.PublishRate,
 		OnSeen:         s.ca.Seen,
 		Revoked:        s.ca.IsRevoked,
 		Logger:         log,
@@ -244,31 +361,42 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Server, error) {
 	}
 	s.ca.OnRevoke(func(deviceID string) bool {
 		start := time.Now()
-		if s.broker.Disconnect(deviceID) {
+		if s.broker.Revoke(deviceID) {
 			s.metrics.RevokeDisconnect.Observe(time.Since(start).Seconds())
 			return true
 		}
 		return false
 	})
 
-	estHandler, err := gwest.NewHandler(s.ca, log)
+	estHandler, err := gwest.NewHandler(gwest.Config{
+		Authority: s.ca, Logger: log, Metrics: s.metrics,
+		EnrollRate: lim.EnrollRate, ReadRate: lim.ESTReadRate,
+	})
 	if err != nil {
 		return nil, err
 	}
 	estTLS := base.Clone()
 	estTLS.ClientAuth = tls.VerifyClientCertIfGiven
-	s.addHTTP("est", estHandler, estTLS, time.Minute)
+	estConnect := lim.estConnectRate()
+	estPerSource := 0
+	if estConnect.IsOff() {
+		estPerSource = -1
+	}
+	s.addHTTP("est", estHandler, estTLS, estConnect, estPerSource, time.Minute)
 
+	// The admin API has no per-source rates: its clients are operators
+	// (the provisioning CLI mints tokens by the thousand). Its handshakes
+	// are bounded like every listener's.
 	adminTLS := base.Clone()
 	adminTLS.ClientAuth = tls.RequireAndVerifyClientCert
 	s.addHTTP("admin", admin.NewHandler(admin.Config{
-		Authority: s.ca, Store: s.store, Sessions: s.broker, Metrics: s.metrics.Handler(), Logger: log,
-	}), adminTLS, 30*time.Minute)
+		Authority: s.ca, Store: s.reg, Sessions: s.broker, Metrics: s.metrics.Handler(), Logger: log,
+	}), adminTLS, limit.Off, 0, 30*time.Minute)
 
 	if _, ok := s.listeners["metrics"]; ok {
 		mux := http.NewServeMux()
 		mux.Handle("GET /metrics", s.metrics.Handler())
-		s.addHTTP("metrics", mux, nil, time.Minute)
+		s.addHTTP("metrics", mux, nil, limit.Off, 0, time.Minute)
 	}
 	ok = true
 	return s, nil
@@ -298,7 +426,37 @@ func (s *Server) prepareDataDir(l pki.Layout) error {
 	if st.Mode().Perm()&0o002 != 0 {
 		return fmt.Errorf("data dir %s is writable by everyone (mode %04o): run chmod 700 %s", l.Dir, st.Mode().Perm(), l.Dir)
 	}
-	return nil
+	if err := checkDataDir(l); err != nil {
+		return err
+	}
+	return checkWritable(l.Dir)
+}
+
+// checkWritable refuses a data directory the gateway cannot write, before
+// anything is served: the registry, the CRL copy and bbolt's lock all
+// live there, and bbolt's own error on a read-only disk does not say so
+// plainly. A full disk is no reason to refuse: devices already enrolled
+// can still connect, and writes fail one by one with 503.
+func checkWritable(dir string) error {
+	f, err := os.CreateTemp(dir, ".write-check-*")
+	if err != nil {
+		return explainUnwritable(dir, dir, err)
+	}
+	name := f.Name()
+	_ = f.Close()
+	return os.Remove(name)
+}
+
+// explainUnwritable words an error of writing path (the data dir itself,
+// or the registry file in it) for an operator.
+func explainUnwritable(dir, path string, err error) error {
+	switch {
+	case errors.Is(err, syscall.EROFS):
+		return fmt.Errorf("data dir %s is read-only (a read-only file system): the gateway writes its registry there; remount it read-write: %w", dir, err)
+	case errors.Is(err, fs.ErrPermission):
+		return fmt.Errorf("data dir %s is read-only for this user (cannot write %s): the gateway writes its registry there; check owner and mode: %w", dir, path, err)
+	}
+	return err
 }
 
 func defaultCRLURL(cert tls.Certificate, estListen string) string {
@@ -318,23 +476,41 @@ func defaultCRLURL(cert tls.Certificate, estListen string) string {
 	return "https://" + net.JoinHostPort(host, port) + "/crl"
 }
 
-func (s *Server) addHTTP(name string, h http.Handler, tlsConf *tls.Config, writeTimeout time.Duration) {
+// addHTTP serves h on the named listener. connectRate limits new
+// connections per source before TLS; perSource caps one source's
+// handshakes in flight (0: the listener's default, negative: none).
+func (s *Server) addHTTP(name string, h http.Handler, tlsConf *tls.Config, connectRate limit.Rate, perSource int, writeTimeout time.Duration) {
 	l, ok := s.listeners[name]
 	if !ok {
 		return
 	}
+	clog := s.log.With("component", name)
 	if tlsConf != nil {
-		l = tls.NewListener(l, tlsConf)
+		// Handshakes run on the listener's bounded pool, not on
+		// net/http's goroutine per connection.
+		l = limit.NewListener(l, limit.ListenerConfig{
+			Name:          name,
+			TLS:           tlsConf,
+			Timeout:       s.cfg.ReadHeaderTimeout,
+			ConnectRate:   connectRate,
+			MaxHandshakes: s.cfg.Limits.MaxHandshakes,
+			MaxPerSource:  perSource,
+			OnHandshakeError: func(remote net.Addr, err error) {
+				clog.Debug("TLS handshake error", "remote", remote, "error", err)
+			},
+			Logger:  clog,
+			Metrics: s.metrics,
+		})
 		s.listeners[name] = l
 	}
 	srv := &http.Server{
 		Handler:           h,
-		ReadHeaderTimeout: 10 * time.Second,
-		ReadTimeout:       30 * time.Second,
+		ReadHeaderTimeout: s.cfg.ReadHeaderTimeout,
+		ReadTimeout:       s.cfg.ReadTimeout,
 		WriteTimeout:      writeTimeout,
 		IdleTimeout:       90 * time.Second,
-		MaxHeaderBytes:    32 << 10,
-		ErrorLog:          log.New(slogWriter{s.log.With("component", name)}, "", 0),
+		MaxHeaderBytes:    MaxHeaderBytes,
+		ErrorLog:          log.New(slogWriter{clog}, "", 0),
 	}
 	s.https = append(s.https, srv)
 	s.wg.Add(1)
@@ -345,6 +521,10 @@ func (s *Server) addHTTP(name string, h http.Handler, tlsConf *tls.Config, write
 		}
 	}()
 }
+
+// MaxHeaderBytes bounds the request headers on every HTTP listener
+// (net/http adds 4 KiB of slack); larger ones get 431.
+const MaxHeaderBytes = 32 << 10
 
 // slogWriter routes net/http's own log lines (TLS handshake errors from
 // scanners and broken clients) to debug level.
@@ -408,7 +588,7 @@ func (s *Server) background() {
 				s.log.Error("refresh CRL", "error", err)
 			}
 		case <-prune.C:
-			n, err := s.store.PruneTokens(context.Background(), time.Now().Add(-7*24*time.Hour))
+			n, err := s.reg.PruneTokens(context.Background(), time.Now().Add(-7*24*time.Hour))
 			if err != nil {
 				s.log.Warn("prune tokens", "error", err)
 			} else if n > 0 {

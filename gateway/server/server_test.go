@@ -332,9 +332,11 @@ func TestRevocationCutsLiveSession(t *testing.T) {
 		t.Fatal(err)
 	}
 	lost := make(chan time.Time, 1)
+	// A persistent session: the broker would keep it (and queue commands
+	// for it) after a plain disconnect, but not after a revocation.
 	opts := paho.NewClientOptions().AddBroker("ssl://" + e.srv.Addr("mqtt")).SetClientID("victim").
 		SetTLSConfig(&tls.Config{RootCAs: e.pool, ServerName: "localhost", Certificates: []tls.Certificate{pkitest.TLSCert(cert, key, e.ca.Cert)}}).
-		SetProtocolVersion(4).SetAutoReconnect(false).
+		SetProtocolVersion(4).SetAutoReconnect(false).SetCleanSession(false).
 		SetConnectionLostHandler(func(paho.Client, error) { lost <- time.Now() })
 	c := paho.NewClient(opts)
 	if tok := c.Connect(); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
@@ -360,6 +362,9 @@ func TestRevocationCutsLiveSession(t *testing.T) {
 		t.Logf("revoke request → client saw its session closed: %v", at.Sub(start))
 	case <-time.After(5 * time.Second):
 		t.Fatal("live session survived revocation")
+	}
+	if e.srv.Broker().HasSession("victim") {
+		t.Error("the broker still stores the revoked device's session")
 	}
 	if err := e.mqttConnect("victim", &tls.Config{Certificates: []tls.Certificate{pkitest.TLSCert(cert, key, e.ca.Cert)}}); err == nil {
 		t.Fatal("revoked certificate reconnected")

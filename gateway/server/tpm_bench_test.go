@@ -16,7 +16,7 @@ import (
 // connect with its key in a file and inside swtpm (TLS 1.3 and 1.2): the
 // TPM signs the handshake's CertificateVerify.
 func BenchmarkConnectKeyStore(b *testing.B) {
-	e := newEnv(b)
+	e := newEnv(b, limitsOff)
 	sw := swtpmtest.Start(b)
 	tpm, err := keystore.OpenTPM(sw.Socket, b.TempDir())
 	if err != nil {
