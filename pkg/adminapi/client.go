@@ -22,6 +22,8 @@ import (
 type Error struct {
 	StatusCode int
 	Message    string
+	// RetryAfter is the server's Retry-After, zero when absent.
+	RetryAfter time.Duration
 }
 
 func (e *Error) Error() string {
@@ -215,7 +217,11 @@ func (c *Client) send(ctx context.Context, method, path string, body io.Reader) 
 	if resp.StatusCode/100 != 2 {
 		defer resp.Body.Close()
 		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
-		return nil, &Error{StatusCode: resp.StatusCode, Message: strings.TrimSpace(string(msg))}
+		e := &Error{StatusCode: resp.StatusCode, Message: strings.TrimSpace(string(msg))}
+		if n, err := strconv.Atoi(resp.Header.Get("Retry-After")); err == nil && n >= 0 {
+			e.RetryAfter = time.Duration(n) * time.Second
+		}
+		return nil, e
 	}
 	return resp, nil
 }
