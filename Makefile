@@ -47,13 +47,17 @@ fuzz:
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem ./...
 
-## dist: the agent cross-compiled for Raspberry Pi and amd64
+## dist: the agent cross-compiled (static, stripped) for Raspberry Pi (armv6, armv7, arm64) and amd64, and fleetgate-agent .deb packages for armhf (the armv6 build), arm64 and amd64
 dist:
+	rm -rf dist
 	mkdir -p dist
 	CGO_ENABLED=0 GOOS=linux GOARCH=arm GOARM=6 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o dist/agent-linux-armv6 ./agent
 	CGO_ENABLED=0 GOOS=linux GOARCH=arm GOARM=7 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o dist/agent-linux-armv7 ./agent
 	CGO_ENABLED=0 GOOS=linux GOARCH=arm64 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o dist/agent-linux-arm64 ./agent
 	CGO_ENABLED=0 GOOS=linux GOARCH=amd64 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o dist/agent-linux-amd64 ./agent
+	$(GO) run ./agent/packaging/mkdeb -version '$(VERSION)' -out dist \
+		-bin armhf=dist/agent-linux-armv6 -bin arm64=dist/agent-linux-arm64 -bin amd64=dist/agent-linux-amd64
+	cd dist && sha256sum agent-linux-* *.deb > SHA256SUMS
 
 ## lint: gofmt and go vet
 lint:

@@ -35,9 +35,11 @@ Commands:
   status    show the identity on disk
   version   print the version
 
-Settings come from flags, FLEETGATE_<FLAG> environment variables and a YAML
-config file (--config, default /etc/fleetgate/agent.yaml), in that order.
-Run 'agent COMMAND --help' for the flags.
+Settings come from, in order of precedence: flags, FLEETGATE_<FLAG>
+environment variables, then a YAML config file: the one --config names, or
+else a first-boot bundle's agent.yaml (in --bundle-dir, default
+/boot/firmware/fleetgate) over /etc/fleetgate/agent.yaml. YAML keys are the
+flag names with '_' for '-'. Run 'agent COMMAND --help' for the flags.
 `
 
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {

@@ -43,6 +43,12 @@ type tokenOptions struct {
 	csv   string
 	json  bool
 	force bool
+	// bundle is a directory for one first-boot bundle per device; the
+	// others say what the bundles' agent.yaml holds.
+	bundle        string
+	bundlePath    string
+	bundleGateway string
+	bundleMQTT    string
 }
 
 func (a *app) tokenCommand() *cobra.Command {
@@ -55,7 +61,7 @@ func (a *app) tokenCommand() *cobra.Command {
 func (a *app) tokenCreateCommand() *cobra.Command {
 	var o tokenOptions
 	cmd := &cobra.Command{
-		Use:   "create (--device-id ID | --count N --prefix P | --device-ids A,B | --device-ids-file FILE) [--csv FILE]",
+		Use:   "create (--device-id ID | --count N --prefix P | --device-ids A,B | --device-ids-file FILE) [--csv FILE] [--bundle DIR]",
 		Short: "Mint an enrollment token for one device or a batch",
 		Long: `create mints one-time enrollment tokens. A device trades its token, once, with
 a CSR for its first certificate. The gateway keeps only a hash: a token is
@@ -67,9 +73,18 @@ With --device-id the token is printed alone on the last line of stdout:
 A batch for a factory line names its devices with --count N --prefix P
 (P + zero-padded numbers from --start, --digits wide), --device-ids a,b,c or
 --device-ids-file FILE (one ID per line, # comments), and writes
-device_id,token,expires_at rows to --csv FILE (mode 0600: tokens are secrets).`,
+device_id,token,expires_at rows to --csv FILE (mode 0600: tokens are secrets).
+
+--bundle DIR writes one ready-to-copy directory per device, DIR/<device-id>/
+(mode 0700), with agent.yaml (device_id, gateway, mqtt, and ca and token_file
+under --bundle-path), ca.pem (the data directory's CA bundle) and token (0600).
+The flashing station copies it to the SD card's boot partition; on first boot
+the agent finds it in /boot/firmware/fleetgate and enrolls. --bundle-gateway
+and --bundle-mqtt are the addresses devices reach the gateway at.`,
 		Example: `  provisioning token create --device-id sensor-0042 --ttl 24h
-  provisioning token create --batch line-3 --count 500 --prefix sensor- --ttl 72h --csv line-3.csv`,
+  provisioning token create --batch line-3 --count 500 --prefix sensor- --ttl 72h --csv line-3.csv
+  provisioning token create --batch line-3 --count 500 --prefix sensor- --ttl 72h --csv line-3.csv \
+      --bundle ./line-3 --bundle-gateway https://gw.example.com:8443 --bundle-mqtt gw.example.com:8883`,
 		Args: noArgs,
 		RunE: a.action(func(cmd *cobra.Command, args []string) error {
 			return a.runTokenCreate(cmd, &o)
@@ -87,7 +102,11 @@ device_id,token,expires_at rows to --csv FILE (mode 0600: tokens are secrets).`,
 	f.StringVar(&o.batch, "batch", "", "label of the batch (a factory line, an order) in the audit log")
 	f.StringVar(&o.csv, "csv", "", "write device_id,token,expires_at rows to FILE (mode 0600)")
 	f.BoolVar(&o.json, "json", false, "print the tokens as JSON on stdout")
-	f.BoolVar(&o.force, "force", false, "replace an existing --csv file")
+	f.BoolVar(&o.force, "force", false, "replace an existing --csv file or device bundle directories")
+	f.StringVar(&o.bundle, "bundle", "", "write a first-boot bundle per device to DIR/<device-id>/ (agent.yaml, ca.pem, token)")
+	f.StringVar(&o.bundlePath, "bundle-path", defaultBundlePath, "with --bundle: where the bundle sits on the device (agent.yaml points its ca and token_file there)")
+	f.StringVar(&o.bundleGateway, "bundle-gateway", "", "with --bundle: the gateway's EST URL as devices reach it, https://HOST:8443 (required)")
+	f.StringVar(&o.bundleMQTT, "bundle-mqtt", "", "with --bundle: the gateway's MQTT address as devices reach it, HOST:8883 (required)")
 	return cmd
 }
 
@@ -102,7 +121,7 @@ func (a *app) runTokenCreate(cmd *cobra.Command, o *tokenOptions) error {
 	if len(o.batch) > maxBatchLabel || strings.ContainsAny(o.batch, "\r\n") {
 		return usageErrorf("--batch: one line of at most %d bytes", maxBatchLabel)
 	}
-	outs, err := o.outputs(a, single)
+	outs, err := o.outputs(a, ids, single, cmd.Flags().Changed)
 	if err != nil {
 		return err
 	}
@@ -183,7 +202,7 @@ func (o *tokenOptions) devices(changed func(string) bool) ([]string, bool, error
 		if err := identity.ValidateName(o.deviceID); err != nil {
 			return nil, false, &usageError{err: fmt.Errorf("--device-id: %w", err)}
 		}
-		return []string{o.deviceID}, o.csv == "", nil
+		return []string{o.deviceID}, o.csv == "" && o.bundle == "", nil
 	case "--count":
 		ids, err := sequenceIDs(o.prefix, o.start, o.count, o.digits)
 		if err != nil {
@@ -205,8 +224,9 @@ func (o *tokenOptions) devices(changed func(string) bool) ([]string, bool, error
 	}
 }
 
-// outputs lists where the tokens go.
-func (o *tokenOptions) outputs(a *app, single bool) ([]tokenOutput, error) {
+// outputs lists where the tokens of ids go. changed reports whether a flag
+// was given.
+func (o *tokenOptions) outputs(a *app, ids []string, single bool, changed func(string) bool) ([]tokenOutput, error) {
 	var outs []tokenOutput
 	if o.csv != "" {
 		path, err := filepath.Abs(o.csv)
@@ -218,11 +238,27 @@ func (o *tokenOptions) outputs(a *app, single bool) ([]tokenOutput, error) {
 	if o.json {
 		outs = append(outs, &jsonOutput{w: a.stdout})
 	}
+	// Bundles after the CSV: a batch fails part-way through many
+	// directories more likely than through one file, and the CSV then
+	// holds every token already.
+	if o.bundle == "" {
+		for _, name := range []string{"bundle-path", "bundle-gateway", "bundle-mqtt"} {
+			if changed(name) {
+				return nil, usageErrorf("--%s goes with --bundle", name)
+			}
+		}
+	} else {
+		b, err := o.newBundleOutput(a, ids)
+		if err != nil {
+			return nil, err
+		}
+		outs = append(outs, b)
+	}
 	if single && !o.json {
 		outs = append(outs, &plainOutput{stdout: a.stdout, stderr: a.stderr})
 	}
 	if len(outs) == 0 {
-		return nil, usageErrorf("a batch needs --csv FILE (tokens are secrets: they go to a file only you can read) or --json")
+		return nil, usageErrorf("a batch needs --csv FILE or --bundle DIR (tokens are secrets: they go to files only you can read) or --json")
 	}
 	return outs, nil
 }

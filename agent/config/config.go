@@ -1,7 +1,16 @@
 // Package config holds the agent's settings. They come, in order of
-// precedence, from command-line flags, FLEETGATE_ environment variables, a
-// YAML file (/etc/fleetgate/agent.yaml by default, keys named like the flags
-// with '_' for '-') and built-in defaults.
+// precedence, from:
+//
+//  1. command-line flags;
+//  2. FLEETGATE_<FLAG> environment variables;
+//  3. the config file named by --config (or FLEETGATE_CONFIG); when none is
+//     named: a first-boot bundle's BUNDLE_DIR/agent.yaml (--bundle-dir,
+//     default /boot/firmware/fleetgate), then /etc/fleetgate/agent.yaml,
+//     each where it exists, the bundle winning;
+//  4. built-in defaults.
+//
+// Config files are YAML with one key per flag, named like the flag with '_'
+// for '-' (device_id, spool_max).
 package config
 
 import (
@@ -14,7 +23,9 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 
@@ -27,10 +38,29 @@ import (
 // Defaults.
 const (
 	DefaultConfigFile = "/etc/fleetgate/agent.yaml"
-	DefaultStateDir   = "/var/lib/fleetgate-agent"
-	DefaultInterval   = 30 * time.Second
-	DefaultMQTTPort   = "8883"
+	// DefaultBundleDir is where a flashing station puts a device's
+	// first-boot bundle: the Raspberry Pi OS boot partition (FAT, readable
+	// and writable from any computer).
+	DefaultBundleDir = "/boot/firmware/fleetgate"
+	// BundleConfigName is the config file inside a bundle directory.
+	BundleConfigName = "agent.yaml"
+	DefaultStateDir  = "/var/lib/fleetgate-agent"
+	DefaultInterval  = 30 * time.Second
+	DefaultMQTTPort  = "8883"
+
+	DefaultSpoolMax         = 16 << 20
+	DefaultSpoolMaxMessages = 100_000
+	DefaultExecTimeout      = 10 * time.Second
+	DefaultMaxInflight      = 32
+	// MinSpoolMax leaves room for the largest message (64 KiB) several
+	// times over.
+	MinSpoolMax = 256 << 10
+	// maxSocketPath is the longest unix socket path Linux accepts.
+	maxSocketPath = 107
 )
+
+// systemConfigFile is DefaultConfigFile; tests point it elsewhere.
+var systemConfigFile = DefaultConfigFile
 
 // Key store kinds.
 const (
@@ -65,10 +95,33 @@ type Config struct {
 	Rekey bool
 	// RenewFraction of the certificate lifetime after which to renew.
 	RenewFraction float64
-	// ConfigFile the settings were read from, if any.
+
+	// SpoolMax bounds the spool's messages in bytes, SpoolMaxMessages in
+	// number; beyond either the oldest messages are dropped.
+	SpoolMax         ByteSize
+	SpoolMaxMessages int
+	// MaxInflight bounds the messages published and not yet acknowledged.
+	MaxInflight int
+
+	// System enables the built-in system metrics in periodic telemetry.
+	System bool
+	// Exec is a shell command run every Interval; its stdout, a JSON
+	// object, goes under "exec" in the periodic message.
+	Exec        string
+	ExecTimeout time.Duration
+	// LocalSocket is a unix socket where local programs write
+	// newline-delimited JSON objects, each sent as a message ("" = off).
+	LocalSocket string
+
+	// ConfigFile is the file named by --config; empty when none was named.
 	ConfigFile string
-	LogFormat  string
-	LogLevel   string
+	// BundleDir is where a first-boot bundle is looked for.
+	BundleDir string
+	// Files are the config files the settings were read from, in order of
+	// increasing precedence.
+	Files     []string
+	LogFormat string
+	LogLevel  string
 }
 
 // Flags registers every setting on fs and returns a function that, after
@@ -90,6 +143,15 @@ func (c *Config) Flags(fs *flag.FlagSet) func() error {
 	fs.IntVar(&c.QoS, "qos", 1, "MQTT QoS of telemetry: 0 or 1")
 	fs.BoolVar(&c.Rekey, "rekey", true, "create a new key at each renewal")
 	fs.Float64Var(&c.RenewFraction, "renew-at", 2.0/3.0, "renew after this fraction of the certificate lifetime")
+	c.SpoolMax = DefaultSpoolMax
+	fs.Var(&c.SpoolMax, "spool-max", "bound of the telemetry spool in `bytes` (e.g. 16MiB); the oldest messages are dropped beyond it")
+	fs.IntVar(&c.SpoolMaxMessages, "spool-max-messages", DefaultSpoolMaxMessages, "bound of the telemetry spool in messages")
+	fs.IntVar(&c.MaxInflight, "max-inflight", DefaultMaxInflight, "messages published and not yet acknowledged, at most")
+	fs.BoolVar(&c.System, "system", true, "include system metrics (load, memory, CPU temperature, uptime) in periodic telemetry")
+	fs.StringVar(&c.Exec, "exec", "", "shell command run every interval; its stdout (a JSON object) goes under \"exec\" in the message")
+	fs.DurationVar(&c.ExecTimeout, "exec-timeout", DefaultExecTimeout, "time limit of each --exec run")
+	fs.StringVar(&c.LocalSocket, "local-socket", "", "unix socket for local programs to write newline-delimited JSON telemetry into (default off)")
+	fs.StringVar(&c.BundleDir, "bundle-dir", DefaultBundleDir, "first-boot bundle directory; its "+BundleConfigName+" is read when no --config is given")
 	fs.StringVar(&c.LogFormat, "log-format", "auto", "log format: auto, text or json")
 	fs.StringVar(&c.LogLevel, "log-level", "info", "log level: debug, info, warn or error")
 	return func() error {
@@ -100,38 +162,27 @@ func (c *Config) Flags(fs *flag.FlagSet) func() error {
 	}
 }
 
-// overlay fills unset flags from the environment, then the config file.
+// overlay fills unset flags from the environment, then the config files.
 func (c *Config) overlay(fs *flag.FlagSet) error {
 	given := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { given[f.Name] = true })
-	if !given["config"] {
-		if v, ok := os.LookupEnv(cli.EnvName("config")); ok {
-			c.ConfigFile = v
-			given["config"] = true
+	// --config and --bundle-dir choose the files, so they are settled
+	// first, from the command line or the environment.
+	for _, name := range []string{"config", "bundle-dir"} {
+		if given[name] {
+			continue
+		}
+		if v, ok := os.LookupEnv(cli.EnvName(name)); ok {
+			if err := fs.Set(name, v); err != nil {
+				return fmt.Errorf("%s=%q: %w", cli.EnvName(name), v, err)
+			}
+			given[name] = true
 		}
 	}
-	file := map[string]string{}
-	switch {
-	case c.ConfigFile != "":
-		m, err := ReadFile(c.ConfigFile)
-		if err != nil {
-			return err
-		}
-		file = m
-	default:
-		if m, err := ReadFile(DefaultConfigFile); err == nil {
-			c.ConfigFile = DefaultConfigFile
-			file = m
-		} else if !errors.Is(err, os.ErrNotExist) {
-			return err
-		}
+	file, err := c.readFiles(fs, given["bundle-dir"])
+	if err != nil {
+		return err
 	}
-	for name := range file {
-		if fs.Lookup(name) == nil || name == "config" {
-			return fmt.Errorf("config %s: unknown setting %q", c.ConfigFile, strings.ReplaceAll(name, "-", "_"))
-		}
-	}
-	var err error
 	fs.VisitAll(func(f *flag.Flag) {
 		if err != nil || given[f.Name] || f.Name == "config" {
 			return
@@ -142,13 +193,58 @@ func (c *Config) overlay(fs *flag.FlagSet) error {
 			}
 			return
 		}
-		if v, ok := file[f.Name]; ok {
-			if e := fs.Set(f.Name, v); e != nil {
-				err = fmt.Errorf("config %s: %s: %w", c.ConfigFile, strings.ReplaceAll(f.Name, "-", "_"), e)
+		if s, ok := file[f.Name]; ok {
+			if e := fs.Set(f.Name, s.value); e != nil {
+				err = fmt.Errorf("config %s: %s: %w", s.file, strings.ReplaceAll(f.Name, "-", "_"), e)
 			}
 		}
 	})
 	return err
+}
+
+// setting is a value and the file it came from.
+type setting struct{ value, file string }
+
+// readFiles reads the config files in force, merged: the --config file
+// alone when one was named; otherwise /etc/fleetgate/agent.yaml, then a
+// bundle's agent.yaml over it. bundleGiven says --bundle-dir was set on
+// the command line or in the environment (else the system file may set it).
+func (c *Config) readFiles(fs *flag.FlagSet, bundleGiven bool) (map[string]setting, error) {
+	out := map[string]setting{}
+	merge := func(path string, required bool, refuse ...string) error {
+		m, err := ReadFile(path)
+		if err != nil {
+			if !required && errors.Is(err, os.ErrNotExist) {
+				return nil
+			}
+			return err
+		}
+		for name, v := range m {
+			if name == "config" || slices.Contains(refuse, name) || fs.Lookup(name) == nil {
+				return fmt.Errorf("config %s: unknown setting %q", path, strings.ReplaceAll(name, "-", "_"))
+			}
+			out[name] = setting{value: v, file: path}
+		}
+		c.Files = append(c.Files, path)
+		return nil
+	}
+	if c.ConfigFile != "" {
+		return out, merge(c.ConfigFile, true)
+	}
+	if err := merge(systemConfigFile, false); err != nil {
+		return nil, err
+	}
+	if s, ok := out["bundle-dir"]; ok && !bundleGiven {
+		c.BundleDir = s.value
+	}
+	if c.BundleDir != "" {
+		// A bundle says who the device is and where it enrolls; where it
+		// finds bundles is not its business.
+		if err := merge(filepath.Join(c.BundleDir, BundleConfigName), false, "bundle-dir"); err != nil {
+			return nil, err
+		}
+	}
+	return out, nil
 }
 
 // ReadFile reads a YAML config file into flag-name → value form. Keys use
@@ -163,20 +259,47 @@ func ReadFile(path string) (map[string]string, error) {
 
 // Parse reads YAML config text; name is used in errors.
 func Parse(data []byte, name string) (map[string]string, error) {
-	var raw map[string]any
+	// Decode into nodes, not map[string]any: YAML would resolve an
+	// unquoted 007 to the number 7 and a date to a timestamp, and a device
+	// whose ID is its zero-padded serial would enroll under another ID.
+	var doc yaml.Node
 	dec := yaml.NewDecoder(bytes.NewReader(data))
-	if err := dec.Decode(&raw); err != nil && !errors.Is(err, io.EOF) {
+	if err := dec.Decode(&doc); err != nil {
+		if errors.Is(err, io.EOF) {
+			return map[string]string{}, nil
+		}
 		return nil, fmt.Errorf("config %s: %w", name, err)
 	}
-	out := make(map[string]string, len(raw))
-	for k, v := range raw {
-		switch v.(type) {
-		case map[string]any, []any:
-			return nil, fmt.Errorf("config %s: %s: want a single value", name, k)
-		case nil:
+	if len(doc.Content) == 0 {
+		return map[string]string{}, nil
+	}
+	root := doc.Content[0]
+	if root.Kind == yaml.ScalarNode && root.Tag == "!!null" {
+		return map[string]string{}, nil
+	}
+	if root.Kind != yaml.MappingNode {
+		return nil, fmt.Errorf("config %s: want key: value settings at the top level", name)
+	}
+	out := make(map[string]string, len(root.Content)/2)
+	for i := 0; i+1 < len(root.Content); i += 2 {
+		k, v := root.Content[i], root.Content[i+1]
+		if k.Kind != yaml.ScalarNode {
+			return nil, fmt.Errorf("config %s: line %d: a key must be a plain name", name, k.Line)
+		}
+		if v.Kind == yaml.AliasNode && v.Alias != nil {
+			v = v.Alias
+		}
+		switch {
+		case v.Kind != yaml.ScalarNode:
+			return nil, fmt.Errorf("config %s: %s: want a single value", name, k.Value)
+		case v.Tag == "!!null":
 			continue
 		}
-		out[strings.ReplaceAll(k, "_", "-")] = fmt.Sprint(v)
+		key := strings.ReplaceAll(k.Value, "_", "-")
+		if _, dup := out[key]; dup {
+			return nil, fmt.Errorf("config %s: %s is set twice", name, k.Value)
+		}
+		out[key] = v.Value
 	}
 	return out, nil
 }
@@ -218,6 +341,23 @@ func (c *Config) Validate() error {
 	if c.StateDir == "" {
 		problems = append(problems, "--state-dir is required")
 	}
+	if c.SpoolMax < MinSpoolMax {
+		problems = append(problems, fmt.Sprintf("--spool-max %v: at least %v", c.SpoolMax, ByteSize(MinSpoolMax)))
+	}
+	if c.SpoolMaxMessages < 10 {
+		problems = append(problems, fmt.Sprintf("--spool-max-messages %d: at least 10", c.SpoolMaxMessages))
+	}
+	if c.MaxInflight < 1 || c.MaxInflight > 1000 {
+		problems = append(problems, fmt.Sprintf("--max-inflight %d: want 1 to 1000", c.MaxInflight))
+	}
+	if c.ExecTimeout <= 0 {
+		problems = append(problems, fmt.Sprintf("--exec-timeout %v: must be positive", c.ExecTimeout))
+	}
+	if c.LocalSocket != "" {
+		if abs, err := filepath.Abs(c.LocalSocket); err != nil || len(abs) > maxSocketPath {
+			problems = append(problems, fmt.Sprintf("--local-socket %q: want a path of at most %d bytes", c.LocalSocket, maxSocketPath))
+		}
+	}
 	if len(problems) > 0 {
 		sort.Strings(problems)
 		return errors.New(strings.Join(problems, "; "))
@@ -232,12 +372,70 @@ func (c *Config) Validate() error {
 	if c.CA, err = filepath.Abs(c.CA); err != nil {
 		return err
 	}
-	if c.TokenFile != "" {
-		if c.TokenFile, err = filepath.Abs(c.TokenFile); err != nil {
-			return err
+	for _, p := range []*string{&c.TokenFile, &c.LocalSocket, &c.BundleDir} {
+		if *p != "" {
+			if *p, err = filepath.Abs(*p); err != nil {
+				return err
+			}
 		}
 	}
 	return nil
+}
+
+// SpoolPath is the spool file in the state directory.
+func (c *Config) SpoolPath() string { return filepath.Join(c.StateDir, "spool.db") }
+
+// ByteSize is a size in bytes, written as a number with an optional unit:
+// 16777216, 16MiB, 512KiB, 1GiB, 10MB (KB, MB, GB are powers of 1000).
+type ByteSize int64
+
+var byteUnits = []struct {
+	suffix string
+	mult   int64
+}{
+	{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"GiB", 1 << 30},
+	{"KB", 1000}, {"MB", 1000 * 1000}, {"GB", 1000 * 1000 * 1000},
+	{"K", 1 << 10}, {"M", 1 << 20}, {"G", 1 << 30}, {"B", 1},
+}
+
+// String writes the size with the largest binary unit that divides it.
+func (b ByteSize) String() string {
+	for _, u := range []struct {
+		suffix string
+		mult   int64
+	}{{"GiB", 1 << 30}, {"MiB", 1 << 20}, {"KiB", 1 << 10}} {
+		if b != 0 && int64(b)%u.mult == 0 {
+			return strconv.FormatInt(int64(b)/u.mult, 10) + u.suffix
+		}
+	}
+	return strconv.FormatInt(int64(b), 10)
+}
+
+// Set parses a size (flag.Value).
+func (b *ByteSize) Set(s string) error {
+	v, err := ParseByteSize(s)
+	if err != nil {
+		return err
+	}
+	*b = v
+	return nil
+}
+
+// ParseByteSize reads a size such as 16MiB or 1048576.
+func ParseByteSize(s string) (ByteSize, error) {
+	t := strings.TrimSpace(s)
+	mult := int64(1)
+	for _, u := range byteUnits {
+		if n, ok := strings.CutSuffix(t, u.suffix); ok {
+			t, mult = strings.TrimSpace(n), u.mult
+			break
+		}
+	}
+	n, err := strconv.ParseInt(t, 10, 64)
+	if err != nil || n < 0 || n > (1<<62)/mult {
+		return 0, fmt.Errorf("size %q: want bytes, optionally with KiB, MiB or GiB", s)
+	}
+	return ByteSize(n * mult), nil
 }
 
 // ReadToken returns the enrollment token from Token or TokenFile.

@@ -78,12 +78,9 @@ func FuzzParseQuotedValue(f *testing.F) {
 	})
 }
 
-// TestParseKeepsPlainScalarText documents a known bug: Parse decodes into
-// map[string]any, so YAML resolves unquoted scalars to numbers, booleans
-// and timestamps and fmt.Sprint re-spells them. A device whose ID is its
-// serial number "007" would enroll as "7".
+// TestParseKeepsPlainScalarText: unquoted scalars keep their text, so a
+// device whose ID is its serial number "007" does not enroll as "7".
 func TestParseKeepsPlainScalarText(t *testing.T) {
-	t.Skip("known bug (issue 6): config.Parse re-spells unquoted numeric and timestamp scalars; remove this skip with the fix (decode into yaml.Node and keep Node.Value)")
 	for _, v := range []string{"007", "0042", "1e3", "0x1f", "0o17", "2024-01-02", ".inf", "12345678901234567890123"} {
 		m, err := config.Parse([]byte("device_id: "+v+"\n"), "agent.yaml")
 		if err != nil || m["device-id"] != v {

@@ -16,6 +16,7 @@ import (
 	"net"
 	"os"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -24,6 +25,7 @@ import (
 
 	"github.com/fleetgate/fleetgate/agent/config"
 	"github.com/fleetgate/fleetgate/agent/credential"
+	"github.com/fleetgate/fleetgate/agent/spool"
 	"github.com/fleetgate/fleetgate/agent/telemetry"
 	"github.com/fleetgate/fleetgate/pkg/cli"
 	"github.com/fleetgate/fleetgate/pkg/est"
@@ -58,8 +60,9 @@ type Daemon struct {
 
 	cur     atomic.Pointer[credential.Credential]
 	tlsCert atomic.Pointer[tls.Certificate]
-	seq     atomic.Uint64
 	sources telemetry.Sources
+	exec    *telemetry.Exec
+	drops   dropLog
 }
 
 // OpenKeys opens the key store cfg names.
@@ -103,6 +106,9 @@ func New(cfg config.Config, log *slog.Logger) (*Daemon, error) {
 		roots:   roots,
 		trust:   trust,
 		sources: telemetry.DefaultSources,
+	}
+	if cfg.Exec != "" {
+		d.exec = &telemetry.Exec{Command: cfg.Exec, Timeout: cfg.ExecTimeout}
 	}
 	if err := d.store.Recover(); err != nil {
 		keys.Close()
@@ -226,7 +232,42 @@ func sleep(ctx context.Context, d time.Duration) bool {
 // Run enrolls if needed, then publishes telemetry until ctx ends. It
 // returns nil on a clean stop, or an error matching ErrRevoked or
 // ErrEnrollRefused when it must not be restarted.
+//
+// Telemetry sources write into the spool from the start, enrolled and
+// connected or not; a sender drains the spool whenever a session is up.
 func (d *Daemon) Run(ctx context.Context) error {
+	sp, err := spool.Open(d.cfg.SpoolPath(), &spool.Options{MaxBytes: int64(d.cfg.SpoolMax), MaxMessages: d.cfg.SpoolMaxMessages})
+	if err != nil {
+		return err
+	}
+	defer sp.Close()
+	st, err := sp.Stats()
+	if err != nil {
+		return err
+	}
+	d.log.Info("starting", "version", cli.Version, "config", strings.Join(d.cfg.Files, ","),
+		"spool", sp.Path(), "spool_pending", st.Pending, "spool_dropped", st.Dropped, "next_seq", st.NextSeq,
+		"spool_max", d.cfg.SpoolMax.String(), "interval", d.cfg.Interval, "system", d.cfg.System,
+		"exec", d.cfg.Exec, "local_socket", d.cfg.LocalSocket)
+
+	ctx, cancel := context.WithCancel(ctx)
+	var producers sync.WaitGroup
+	// Stop the sources before the spool closes (defers run last-in first-out).
+	defer producers.Wait()
+	defer cancel()
+	if d.cfg.LocalSocket != "" {
+		ln, err := telemetry.ListenLocal(d.cfg.LocalSocket, 0o660)
+		if err != nil {
+			return err
+		}
+		srv := &telemetry.LocalServer{Store: func(ms []telemetry.LocalMessage) []error { return d.storeLocal(sp, ms) }, Log: d.log}
+		producers.Go(func() {
+			srv.Serve(ctx, ln)
+			_ = os.Remove(d.cfg.LocalSocket)
+		})
+	}
+	producers.Go(func() { d.sample(ctx, sp) })
+
 	bo := backoff{min: time.Second, max: 2 * time.Minute}
 	var cred *credential.Credential
 	for {
@@ -244,54 +285,86 @@ func (d *Daemon) Run(ctx context.Context) error {
 			return nil
 		}
 	}
-	bo.reset()
+	return d.forward(ctx, sp, cred)
+}
 
-	lost := make(chan error, 1)
-	client := d.mqttClient(lost)
-	defer client.Disconnect(250)
-
+// forward keeps a session to the broker and drains the spool into it, and
+// renews the certificate when due.
+func (d *Daemon) forward(ctx context.Context, sp *spool.Spool, cred *credential.Credential) error {
+	bo := backoff{min: time.Second, max: 2 * time.Minute}
 	renewAt := cred.RenewAt(d.cfg.RenewFraction, renewJitter, rand.Float64)
 	renew := time.NewTimer(time.Until(renewAt))
 	defer renew.Stop()
 	d.log.Info("certificate", "serial", pki.SerialHex(cred.Cert), "not_after", cred.Cert.NotAfter, "renew_at", renewAt.Round(time.Second))
-	tick := time.NewTicker(d.cfg.Interval)
-	defer tick.Stop()
 
-	connected := false
 	for {
-		if !connected {
-			err := d.connect(ctx, client)
-			if err == nil {
-				connected = true
-				bo.reset()
-				d.publishState(client)
-			} else {
-				if err := d.checkRevoked(ctx, err); err != nil {
-					return err
-				}
-				wait := bo.next()
-				d.log.Warn("connect failed; retrying", "broker", d.cfg.MQTT, "error", err, "in", wait.Round(time.Millisecond))
-				if !sleep(ctx, wait) {
-					return nil
-				}
-				continue
+		// A fresh client per session: paho's own store would resend the
+		// previous session's unacknowledged messages, which the spool
+		// resends already.
+		lost := make(chan error, 1)
+		client := d.mqttClient(lost)
+		if err := d.connect(ctx, client); err != nil {
+			if ctx.Err() != nil {
+				return nil
 			}
+			if err := d.checkRevoked(ctx, err); err != nil {
+				return err
+			}
+			wait := bo.next()
+			d.log.Warn("connect failed; retrying", "broker", d.cfg.MQTT, "error", err, "in", wait.Round(time.Millisecond))
+			if !sleep(ctx, wait) {
+				return nil
+			}
+			continue
 		}
-		select {
-		case <-ctx.Done():
+		bo.reset()
+		d.publishState(client, sp)
+
+		sctx, stopSending := context.WithCancel(ctx)
+		sent := make(chan error, 1)
+		go func() { sent <- d.drain(sctx, client, sp) }()
+		err := d.session(ctx, sent, lost, renew)
+		stopSending()
+		if !errors.Is(err, errSenderDone) {
+			<-sent
+		}
+		client.Disconnect(250)
+		switch {
+		case ctx.Err() != nil:
 			d.log.Info("stopping")
 			return nil
-		case err := <-lost:
-			connected = false
+		case permanent(err):
+			return err
+		case errors.Is(err, errRenewed):
+			// Reconnect at once so the session runs on the new certificate.
+		default:
 			d.log.Warn("connection lost", "error", err)
 			// A short jittered pause spreads a fleet's reconnects.
 			if !sleep(ctx, time.Duration(rand.Int64N(int64(time.Second)))) {
 				return nil
 			}
-		case <-tick.C:
-			if err := d.publishTelemetry(client); err != nil {
-				d.log.Warn("telemetry not delivered", "error", err)
-			}
+		}
+	}
+}
+
+var (
+	errRenewed    = errors.New("certificate renewed")
+	errSenderDone = errors.New("sender stopped")
+)
+
+// session waits while a session is up, renewing the certificate when due.
+// It returns why the session must end: ctx done, the connection lost, the
+// sender failed (errSenderDone wraps its error), a renewal (errRenewed) or
+// a permanent error.
+func (d *Daemon) session(ctx context.Context, sent <-chan error, lost <-chan error, renew *time.Timer) error {
+	for {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case err := <-lost:
+			return err
+		case err := <-sent:
+			return fmt.Errorf("%w: %w", errSenderDone, err)
 		case <-renew.C:
 			next, err := d.renew(ctx)
 			if err != nil {
@@ -304,12 +377,10 @@ func (d *Daemon) Run(ctx context.Context) error {
 				renew.Reset(retry)
 				continue
 			}
-			renewAt = next.RenewAt(d.cfg.RenewFraction, renewJitter, rand.Float64)
+			renewAt := next.RenewAt(d.cfg.RenewFraction, renewJitter, rand.Float64)
 			renew.Reset(time.Until(renewAt))
 			d.log.Info("renewed", "serial", pki.SerialHex(next.Cert), "not_after", next.Cert.NotAfter, "renew_at", renewAt.Round(time.Second))
-			// Reconnect so the session runs on the new certificate.
-			client.Disconnect(250)
-			connected = false
+			return errRenewed
 		}
 	}
 }
@@ -457,34 +528,6 @@ func refusal(err error) bool {
 	return false
 }
 
-// Message is the JSON of one telemetry message.
-type Message struct {
-	DeviceID string           `json:"device_id"`
-	Seq      uint64           `json:"seq"`
-	Time     time.Time        `json:"time"`
-	System   telemetry.System `json:"system"`
-}
-
-func (d *Daemon) publishTelemetry(c paho.Client) error {
-	if !c.IsConnectionOpen() {
-		return errors.New("not connected")
-	}
-	msg := Message{DeviceID: d.cfg.DeviceID, Seq: d.seq.Add(1), Time: time.Now().UTC(), System: d.sources.ReadSystem()}
-	payload, err := json.Marshal(msg)
-	if err != nil {
-		return err
-	}
-	tok := c.Publish(topic.Telemetry(d.cfg.DeviceID), byte(d.cfg.QoS), false, payload)
-	if !tok.WaitTimeout(20 * time.Second) {
-		return fmt.Errorf("seq %d: no acknowledgement within 20s", msg.Seq)
-	}
-	if err := tok.Error(); err != nil {
-		return fmt.Errorf("seq %d: %w", msg.Seq, err)
-	}
-	d.log.Debug("telemetry published", "seq", msg.Seq)
-	return nil
-}
-
 // State is the retained message on devices/ID/state.
 type State struct {
 	Agent        string    `json:"agent"`
@@ -492,16 +535,23 @@ type State struct {
 	Serial       string    `json:"serial"`
 	CertNotAfter time.Time `json:"cert_not_after"`
 	Since        time.Time `json:"since"`
+	// Spool: messages waiting at connect time, and dropped over the bound
+	// since the spool was created.
+	SpoolPending int    `json:"spool_pending"`
+	SpoolDropped uint64 `json:"spool_dropped"`
 }
 
-func (d *Daemon) publishState(c paho.Client) {
+func (d *Daemon) publishState(c paho.Client, sp *spool.Spool) {
 	cred := d.cur.Load()
+	st, _ := sp.Stats()
 	payload, _ := json.Marshal(State{
 		Agent:        cli.VersionString("agent"),
 		KeyStore:     d.keys.Kind(),
 		Serial:       pki.SerialHex(cred.Cert),
 		CertNotAfter: cred.Cert.NotAfter,
 		Since:        time.Now().UTC(),
+		SpoolPending: st.Pending,
+		SpoolDropped: st.Dropped,
 	})
 	c.Publish(topic.State(d.cfg.DeviceID), 1, true, payload)
 }

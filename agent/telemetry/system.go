@@ -1,5 +1,8 @@
 // Package telemetry gathers what the agent reports: system metrics read
-// from /proc and /sys, the same on a Raspberry Pi and a server.
+// from /proc and /sys (the same on a Raspberry Pi and a server), the JSON
+// output of a command run every interval (Exec), and JSON lines that local
+// programs write into a unix socket (LocalServer), so a sensor program
+// needs no TLS or MQTT code of its own.
 package telemetry
 
 import (

@@ -1,0 +1,20 @@
+//go:build unix
+
+package telemetry
+
+import (
+	"os/exec"
+	"syscall"
+)
+
+// killGroup runs the command in a process group of its own and makes a
+// cancellation kill the whole group, so a shell's children die with it.
+func killGroup(cmd *exec.Cmd) {
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	cmd.Cancel = func() error {
+		if cmd.Process == nil {
+			return nil
+		}
+		return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+	}
+}
