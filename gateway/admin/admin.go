@@ -13,6 +13,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"net/url"
 	"strconv"
 	"strings"
 	"time"
@@ -139,14 +140,9 @@ func (h *Handler) createTokens(w http.ResponseWriter, r *http.Request) {
 		httpError(w, http.StatusBadRequest, fmt.Sprintf("at most %d tokens per request", adminapi.MaxTokensPerRequest))
 		return
 	}
-	var ttl time.Duration
-	if req.TTL != "" {
-		d, err := time.ParseDuration(req.TTL)
-		if err != nil || d <= 0 {
-			httpError(w, http.StatusBadRequest, fmt.Sprintf("ttl %q is not a positive duration", req.TTL))
-			return
-		}
-		ttl = d
+	ttl, ok := parseTTL(w, req.TTL)
+	if !ok {
+		return
 	}
 	if len(req.Batch) > 128 || strings.ContainsAny(req.Batch, "\r\n") {
 		httpError(w, http.StatusBadRequest, "batch label must be one line of at most 128 bytes")
@@ -198,14 +194,11 @@ func (h *Handler) listDevices(w http.ResponseWriter, r *http.Request) {
 		httpError(w, http.StatusBadRequest, fmt.Sprintf("status %q: want active or revoked", f.Status))
 		return
 	}
-	if s := q.Get("limit"); s != "" {
-		n, err := strconv.Atoi(s)
-		if err != nil || n <= 0 || n > 10000 {
-			httpError(w, http.StatusBadRequest, "limit must be 1 to 10000")
-			return
-		}
-		f.Limit = n
+	limit, ok := queryLimit(w, q, f.Limit)
+	if !ok {
+		return
 	}
+	f.Limit = limit
 	devs, err := h.cfg.Store.Devices(r.Context(), f)
 	if err != nil {
 		h.fail(w, r, err)
@@ -299,14 +292,9 @@ func (h *Handler) issueCertificate(w http.ResponseWriter, r *http.Request) {
 		httpError(w, http.StatusBadRequest, fmt.Sprintf("role %q: want service or operator", req.Role))
 		return
 	}
-	var ttl time.Duration
-	if req.TTL != "" {
-		d, err := time.ParseDuration(req.TTL)
-		if err != nil || d <= 0 {
-			httpError(w, http.StatusBadRequest, fmt.Sprintf("ttl %q is not a positive duration", req.TTL))
-			return
-		}
-		ttl = d
+	ttl, ok := parseTTL(w, req.TTL)
+	if !ok {
+		return
 	}
 	csr, err := est.DecodeCSR([]byte(req.CSR))
 	if err != nil {
@@ -353,14 +341,11 @@ func (h *Handler) audit(w http.ResponseWriter, r *http.Request) {
 		}
 		f.AfterSeq = n
 	}
-	if s := q.Get("limit"); s != "" {
-		n, err := strconv.Atoi(s)
-		if err != nil || n <= 0 || n > 10000 {
-			httpError(w, http.StatusBadRequest, "limit must be 1 to 10000")
-			return
-		}
-		f.Limit = n
+	limit, ok := queryLimit(w, q, f.Limit)
+	if !ok {
+		return
 	}
+	f.Limit = limit
 	evs, err := h.cfg.Store.Audit(r.Context(), f)
 	if err != nil {
 		h.fail(w, r, err)
@@ -399,6 +384,34 @@ func (h *Handler) backup(w http.ResponseWriter, r *http.Request) {
 		panic(http.ErrAbortHandler)
 	}
 	h.log.Info("backup served", "bytes", n, "actor", actor(r))
+}
+
+// queryLimit reads the optional limit parameter (1 to 10000), answering 400
+// itself when it is malformed.
+func queryLimit(w http.ResponseWriter, q url.Values, def int) (int, bool) {
+	s := q.Get("limit")
+	if s == "" {
+		return def, true
+	}
+	n, err := strconv.Atoi(s)
+	if err != nil || n <= 0 || n > 10000 {
+		httpError(w, http.StatusBadRequest, "limit must be 1 to 10000")
+		return 0, false
+	}
+	return n, true
+}
+
+// parseTTL reads an optional positive duration; zero means the default.
+func parseTTL(w http.ResponseWriter, s string) (time.Duration, bool) {
+	if s == "" {
+		return 0, true
+	}
+	d, err := time.ParseDuration(s)
+	if err != nil || d <= 0 {
+		httpError(w, http.StatusBadRequest, fmt.Sprintf("ttl %q is not a positive duration", s))
+		return 0, false
+	}
+	return d, true
 }
 
 // decode reads a JSON body of bounded size, refusing unknown fields.
