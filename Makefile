@@ -6,7 +6,7 @@ LDFLAGS   := -s -w -X github.com/fleetgate/fleetgate/pkg/cli.Version=$(VERSION)
 BINARIES  := gateway agent provisioning firmware-sim
 FUZZTIME  ?= 10s
 
-.PHONY: all build test test-short demo bench fuzz fuzz-smoke dist lint clean
+.PHONY: all build test test-short demo bench bench-smoke bench-go fuzz fuzz-smoke dist lint clean
 
 all: build
 
@@ -43,8 +43,21 @@ fuzz-smoke:
 fuzz:
 	$(MAKE) fuzz-smoke FUZZTIME=5m
 
-## bench: Go benchmarks of the hot paths
-bench:
+## bench: fleetgate against Debian's Mosquitto under the same simulated fleet (firmware-sim bench, a few minutes); results in firmware-sim/bench-results/, method in BENCHMARKS.md
+bench: build
+	@if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y mosquitto || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y mosquitto; }; \
+		else echo "bench: mosquitto is not installed; run: sudo apt-get install -y mosquitto"; exit 1; fi; \
+	fi
+	./bin/firmware-sim bench $(BENCHFLAGS)
+
+## bench-smoke: the short bench for CI (small sizes, under a minute; fleetgate alone, with a note, when Mosquitto is absent)
+bench-smoke: build
+	./bin/firmware-sim bench --smoke $(BENCHFLAGS)
+
+## bench-go: Go benchmarks of the hot paths
+bench-go:
 	$(GO) test -run '^$$' -bench . -benchmem ./...
 
 ## dist: the agent cross-compiled (static, stripped) for Raspberry Pi (armv6, armv7, arm64) and amd64, and fleetgate-agent .deb packages for armhf (the armv6 build), arm64 and amd64
