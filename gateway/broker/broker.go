@@ -15,11 +15,13 @@ import (
 	"net"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/listeners"
 	"github.com/mochi-mqtt/server/v2/packets"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/fleetgate/fleetgate/gateway/limit"
 	"github.com/fleetgate/fleetgate/gateway/metrics"
@@ -67,6 +69,9 @@ type Config struct {
 	// MaxPacketSize bounds every packet; a larger one closes the
 	// connection.
 	MaxPacketSize uint32
+	// MaxInflight is each session's store of unacknowledged QoS 1/2
+	// messages (mochi's default, 8192, when 0).
+	MaxInflight uint16
 	// MaxPayload bounds the payload of a device's PUBLISH
 	// (DefaultMaxPayload when 0, none when negative).
 	MaxPayload int
@@ -136,6 +141,12 @@ func New(cfg Config) (*Broker, error) {
 	caps := mqtt.NewDefaultServerCapabilities()
 	caps.MaximumPacketSize = cfg.MaxPacketSize
 	caps.MaximumSessionExpiryInterval = uint32(DefaultMaxSessionExpiry / time.Second)
+	// No cap on retained messages' age: mochi would otherwise delete a
+	// device's retained "online" presence after a day online.
+	caps.MaximumMessageExpiryInterval = 0
+	if cfg.MaxInflight > 0 {
+		caps.MaximumInflight = cfg.MaxInflight
+	}
 	srv := mqtt.New(&mqtt.Options{
 		Capabilities: caps,
 		InlineClient: true,
@@ -154,9 +165,20 @@ func New(cfg Config) (*Broker, error) {
 		current:      make(map[string]*mqtt.Client),
 		maxPayload:   cfg.MaxPayload,
 		publishRate:  cfg.PublishRate,
+		inflightHigh: int(caps.MaximumInflight) / 2,
 	}
 	if err := srv.AddHook(h, nil); err != nil {
 		return nil, fmt.Errorf("broker: add hook: %w", err)
+	}
+	// mochi counts the messages it drops for a subscriber without calling
+	// a hook: expose its counters so no drop is silent.
+	for name, v := range map[string]*int64{
+		"fleetgate_mqtt_inflight_dropped_total": &srv.Info.InflightDropped,
+		"fleetgate_mqtt_queue_dropped_total":    &srv.Info.MessagesDropped,
+	} {
+		_ = cfg.Metrics.Registry.Register(prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: name, Help: "Messages the broker dropped for a subscriber (in-flight store or write queue full).",
+		}, func() float64 { return float64(atomic.LoadInt64(v)) }))
 	}
 	// The handshake deadline stays on the connection, so the TLS handshake
 	// and the CONNECT packet together must arrive within ConnectTimeout
@@ -283,6 +305,11 @@ type hook struct {
 	// shared lock, written once per session).
 	publishRate limit.Rate
 	buckets     sync.Map
+	// services holds the live service sessions, whose in-flight stores
+	// device publishes wait on (see backpressure); inflightHigh is the
+	// level at which a subscriber counts as congested.
+	services     sync.Map // *mqtt.Client -> struct{}
+	inflightHigh int
 }
 
 // servicePrefix starts the internal client ID of every service session.
@@ -422,6 +449,9 @@ func (h *hook) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
 		h.publishPresence(name, "online")
 	}
 	h.mu.Unlock()
+	if role == identity.RoleService {
+		h.services.Store(cl, struct{}{})
+	}
 	if role != identity.RoleDevice {
 		return
 	}
@@ -442,6 +472,7 @@ func (h *hook) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
 func (h *hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 	role, name := clientIdentity(cl.ID)
 	h.buckets.Delete(cl)
+	h.services.Delete(cl)
 	h.m.Sessions.Dec()
 	h.mu.Lock()
 	h.sessions--

@@ -28,6 +28,9 @@ type Metrics struct {
 	// per-session publish rate; PublishRefusals those refused outright.
 	PublishesThrottled prometheus.Counter
 	PublishRefusals    *prometheus.CounterVec // by reason
+	// PublishesBackpressured counts device QoS 1 publishes held back
+	// because a service subscriber had too many messages unacknowledged.
+	PublishesBackpressured prometheus.Counter
 
 	// Abuse controls
 	RateLimited        *prometheus.CounterVec // by surface
@@ -77,6 +80,9 @@ func New() *Metrics {
 		PublishesThrottled: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "fleetgate_mqtt_publishes_throttled_total", Help: "Device publishes delayed because the session exceeded its publish rate.",
 		}),
+		PublishesBackpressured: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "fleetgate_mqtt_publishes_backpressured_total", Help: "Device QoS 1 publishes delayed until a congested service subscriber caught up.",
+		}),
 		PublishRefusals: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "fleetgate_mqtt_publish_refusals_total", Help: "Device publishes refused, by reason.",
 		}, []string{"reason"}),
@@ -121,7 +127,7 @@ func New() *Metrics {
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		m.Sessions, m.Connects, m.ConnectRefusals, m.HandshakeFailures,
 		m.MessagesIn, m.MessagesOut, m.MessagesDropped, m.ACLDenials,
-		m.PublishesThrottled, m.PublishRefusals,
+		m.PublishesThrottled, m.PublishesBackpressured, m.PublishRefusals,
 		m.RateLimited, m.HandshakesShed, m.HandshakesInFlight, m.EnrollLockouts,
 		m.Enrollments, m.Renewals, m.EnrollDuration,
 		m.Revocations, m.RevokedSerials, m.RevokeDisconnect, m.CRLNumber,

@@ -65,6 +65,10 @@ type Config struct {
 	// (defaults 10s and 30s): a client trickling bytes is cut off.
 	ReadHeaderTimeout time.Duration
 	ReadTimeout       time.Duration
+	// MQTTMaxInflight is each MQTT session's store of unacknowledged QoS
+	// 1 messages (8192 when 0); device publishes wait while a service
+	// subscriber's store is half full.
+	MQTTMaxInflight uint16
 	// Limits bounds what one source address, session or device ID may ask
 	// of the gateway.
 	Limits Limits
@@ -348,6 +352,7 @@ func New(ctx context.Context, cfg Config, log *slog.Logger) (*Server, error) {
 		TrustDomain:    td,
 		ConnectTimeout: cfg.ConnectTimeout,
 		MaxPayload:     lim.MaxPayload,
+		MaxInflight:    cfg.MQTTMaxInflight,
 		ConnectRate:    lim.MQTTConnectRate,
 		MaxHandshakes:  lim.MaxHandshakes,
 		PublishRate:    lim.PublishRate,
