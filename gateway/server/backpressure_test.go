@@ -34,7 +34,7 @@ func TestSlowSubscriberLosesNoQoS1(t *testing.T) {
 	}
 	var mu sync.Mutex
 	got := map[string]bool{}
-	sub := paho.NewClient(paho.NewClientOptions().AddBroker("ssl://"+e.srv.Addr("mqtt")).SetClientID("slow").
+	sub := paho.NewClient(paho.NewClientOptions().AddBroker("ssl://" + e.srv.Addr("mqtt")).SetClientID("slow").
 		SetTLSConfig(&tls.Config{RootCAs: e.pool, ServerName: "localhost", Certificates: []tls.Certificate{pkitest.TLSCert(svcCert, svcKey, e.ca.Cert)}}).
 		SetProtocolVersion(4).SetAutoReconnect(false).SetOrderMatters(true))
 	if tok := sub.Connect(); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
@@ -56,7 +56,7 @@ func TestSlowSubscriberLosesNoQoS1(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	dev := paho.NewClient(paho.NewClientOptions().AddBroker("ssl://"+e.srv.Addr("mqtt")).SetClientID("fast").
+	dev := paho.NewClient(paho.NewClientOptions().AddBroker("ssl://" + e.srv.Addr("mqtt")).SetClientID("fast").
 		SetTLSConfig(&tls.Config{RootCAs: e.pool, ServerName: "localhost", Certificates: []tls.Certificate{pkitest.TLSCert(cert, key, e.ca.Cert)}}).
 		SetProtocolVersion(4).SetAutoReconnect(false).SetWriteTimeout(30 * time.Second))
 	if tok := dev.Connect(); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
