@@ -80,9 +80,13 @@ type Authority struct {
 	revoked atomic.Pointer[map[string]struct{}]
 	crl     atomic.Pointer[CRL]
 
-	// mu serializes revocations and CRL signing, so CRL numbers and
-	// contents move forward together.
-	mu sync.Mutex
+	// setMu serializes updates of the revoked set (copy-on-write); crlMu
+	// serializes CRL signing, so CRL numbers and contents move forward
+	// together. Neither is held across a registry commit of a revocation,
+	// so concurrent revocations cut their sessions without waiting for
+	// each other's CRL.
+	setMu sync.Mutex
+	crlMu sync.Mutex
 
 	listenersMu sync.Mutex
 	listeners   []func(deviceID string) bool
@@ -153,9 +157,9 @@ func New(ctx context.Context, cfg Config) (*Authority, error) {
 	}
 	a.revoked.Store(&set)
 	a.m.RevokedSerials.Set(float64(len(set)))
-	a.mu.Lock()
+	a.crlMu.Lock()
 	err = a.signCRL(ctx, revs)
-	a.mu.Unlock()
+	a.crlMu.Unlock()
 	if err != nil {
 		return nil, err
 	}
@@ -469,8 +473,6 @@ type Revocation struct {
 // the in-memory set at once (refused in handshakes from then on), its live
 // sessions are cut through the OnRevoke listeners, and a new CRL is signed.
 func (a *Authority) RevokeDevice(ctx context.Context, deviceID string, reason int, actor string) (Revocation, error) {
-	a.mu.Lock()
-	defer a.mu.Unlock()
 	res, err := a.store.RevokeDevice(ctx, deviceID, reason, a.now(), actor)
 	if err != nil {
 		return Revocation{}, err
@@ -485,7 +487,7 @@ func (a *Authority) RevokeDevice(ctx context.Context, deviceID string, reason in
 	// somehow survived is cut now.
 	out.Disconnected = a.notify(deviceID)
 	if !res.AlreadyRevoked {
-		if err := a.resignLocked(ctx); err != nil {
+		if err := a.resign(ctx); err != nil {
 			return out, err
 		}
 	}
@@ -495,8 +497,6 @@ func (a *Authority) RevokeDevice(ctx context.Context, deviceID string, reason in
 
 // RevokeCertificate revokes a single (service or operator) certificate.
 func (a *Authority) RevokeCertificate(ctx context.Context, serial string, reason int, actor string) (registry.Revocation, error) {
-	a.mu.Lock()
-	defer a.mu.Unlock()
 	rev, err := a.store.RevokeCertificate(ctx, serial, reason, a.now(), actor)
 	if err != nil {
 		return rev, err
@@ -506,10 +506,12 @@ func (a *Authority) RevokeCertificate(ctx context.Context, serial string, reason
 		a.notify(rev.DeviceID)
 	}
 	a.log.Info("certificate revoked", "serial", serial, "subject", rev.Subject, "reason", pki.ReasonName(reason), "actor", actor)
-	return rev, a.resignLocked(ctx)
+	return rev, a.resign(ctx)
 }
 
 func (a *Authority) addRevoked(revs []registry.Revocation) {
+	a.setMu.Lock()
+	defer a.setMu.Unlock()
 	old := *a.revoked.Load()
 	next := make(map[string]struct{}, len(old)+len(revs))
 	for s := range old {
@@ -541,12 +543,19 @@ func (a *Authority) CRL() *CRL { return a.crl.Load() }
 // RefreshCRL re-signs the CRL if half its validity has passed, so relying
 // parties never hold a CRL past its nextUpdate. Call it periodically.
 func (a *Authority) RefreshCRL(ctx context.Context) error {
-	a.mu.Lock()
-	defer a.mu.Unlock()
+	a.crlMu.Lock()
+	defer a.crlMu.Unlock()
 	cur := a.crl.Load()
 	if a.now().Before(cur.ThisUpdate.Add(a.cfg.CRLValidity / 2)) {
 		return nil
 	}
+	return a.resignLocked(ctx)
+}
+
+// resign signs a new CRL that lists every revocation committed so far.
+func (a *Authority) resign(ctx context.Context) error {
+	a.crlMu.Lock()
+	defer a.crlMu.Unlock()
 	return a.resignLocked(ctx)
 }
 
@@ -559,7 +568,7 @@ func (a *Authority) resignLocked(ctx context.Context) error {
 }
 
 // signCRL signs a CRL of every revocation whose certificate has not
-// expired. Callers hold a.mu.
+// expired. Callers hold a.crlMu.
 func (a *Authority) signCRL(ctx context.Context, revs []registry.Revocation) error {
 	now := a.now()
 	entries := make([]pki.CRLEntry, 0, len(revs))
