@@ -146,6 +146,13 @@ func TestAgainstGateway(t *testing.T) {
 
 	t.Run("server-side close is seen with its time", func(t *testing.T) {
 		dev := dial(t, mqttc.Options{Addr: g.MQTTAddr(), TLS: g.ClientTLS(g.Cert(identity.RoleDevice, "dev-5")), ClientID: "dev-5"})
+		// The broker registers a session just after it sends CONNACK.
+		for i := 0; !g.Server().Broker().Connected("dev-5"); i++ {
+			if i == 500 {
+				t.Fatal("broker never listed the session")
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
 		before := time.Now()
 		if !g.Server().Broker().Disconnect("dev-5") {
 			t.Fatal("broker found no session")
