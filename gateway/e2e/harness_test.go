@@ -1,13 +1,11 @@
 package e2e
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"os"
@@ -334,16 +332,6 @@ func (s *subscriber) await(t *testing.T, timeout time.Duration, what string, mat
 			}
 		case <-deadline:
 			t.Fatalf("no %s within %v", what, timeout)
-		}
-	}
-}
-
-// scanLines calls fn for each line of r until it returns true.
-func scanLines(r io.Reader, fn func(string) bool) {
-	sc := bufio.NewScanner(r)
-	for sc.Scan() {
-		if fn(sc.Text()) {
-			return
 		}
 	}
 }

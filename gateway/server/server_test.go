@@ -241,6 +241,14 @@ func (e *env) mqttConnect(clientID string, conf *tls.Config) error {
 	if conf.RootCAs == nil {
 		conf.RootCAs = e.pool
 	}
+	// Present the certificate whatever CAs the server names: with
+	// tls.Config.Certificates Go's client silently withholds one that does
+	// not chain to them, and a foreign-CA case would test "no certificate".
+	if len(conf.Certificates) > 0 {
+		c := conf.Certificates[0]
+		conf.Certificates = nil
+		conf.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return &c, nil }
+	}
 	conf.ServerName = "localhost"
 	opts := paho.NewClientOptions().AddBroker("ssl://" + e.srv.Addr("mqtt")).SetClientID(clientID).SetTLSConfig(conf).
 		SetProtocolVersion(4).SetAutoReconnect(false).SetConnectTimeout(5 * time.Second)
