@@ -73,6 +73,14 @@ func decodeDER(body []byte, pemTypes ...string) ([]byte, error) {
 		}
 		return nil, fmt.Errorf("%w: PEM block %q", ErrMalformed, block.Type)
 	}
+	// The common case, base64 in lines (RFC 7030 and every client seen):
+	// the decoder skips line breaks itself, so the body needs no cleaning
+	// copy. Anything else (spaces, tabs, other alphabets) takes the
+	// general path below, which gives the same bytes for this case.
+	der := make([]byte, base64.StdEncoding.DecodedLen(len(trimmed)))
+	if n, err := base64.StdEncoding.Decode(der, trimmed); err == nil {
+		return der[:n], nil
+	}
 	clean := bytes.Map(func(r rune) rune {
 		if r == '\r' || r == '\n' || r == ' ' || r == '\t' {
 			return -1
@@ -98,8 +106,13 @@ func isDERSequence(b []byte) bool {
 // EncodeCerts builds a base64 PKCS#7 certs-only body (RFC 7030 section 4.1.3).
 func EncodeCerts(certs ...*x509.Certificate) ([]byte, error) {
 	var der []byte
-	for _, c := range certs {
-		der = append(der, c.Raw...)
+	switch len(certs) {
+	case 1: // every enrollment answer: no need to copy the certificate
+		der = certs[0].Raw
+	default:
+		for _, c := range certs {
+			der = append(der, c.Raw...)
+		}
 	}
 	p7, err := pkcs7.DegenerateCertificate(der)
 	if err != nil {
@@ -131,16 +144,24 @@ func EncodeCSR(der []byte) []byte { return base64Lines(der) }
 // base64Lines encodes b as base64 in 64-column lines, as OpenSSL and most
 // EST clients write it.
 func base64Lines(b []byte) []byte {
-	enc := base64.StdEncoding.EncodeToString(b)
-	var out bytes.Buffer
-	for len(enc) > 64 {
-		out.WriteString(enc[:64])
-		out.WriteByte('\n')
-		enc = enc[64:]
+	const line = 64
+	n := base64.StdEncoding.EncodedLen(len(b))
+	lines := max(1, (n+line-1)/line)
+	out := make([]byte, n+lines)
+	// Encode at the end of out, then move each line forward to its place:
+	// one allocation, no intermediate string.
+	enc := out[lines:]
+	base64.StdEncoding.Encode(enc, b)
+	w := 0
+	for len(enc) > line {
+		w += copy(out[w:], enc[:line])
+		out[w] = '\n'
+		w++
+		enc = enc[line:]
 	}
-	out.WriteString(enc)
-	out.WriteByte('\n')
-	return out.Bytes()
+	w += copy(out[w:], enc)
+	out[w] = '\n'
+	return out[:w+1]
 }
 
 // Object identifiers used in the CSR attributes answer.

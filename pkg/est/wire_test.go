@@ -22,6 +22,9 @@ func TestDecodeCSRForms(t *testing.T) {
 		"pem new header":          pem.EncodeToMemory(&pem.Block{Type: "NEW CERTIFICATE REQUEST", Bytes: der}),
 		"raw der":                 der,
 		"base64 with whitespace":  []byte("  \n" + b64[:10] + "\n" + b64[10:] + "\n\n"),
+		"base64 CRLF lines":       bytes.ReplaceAll(est.EncodeCSR(der), []byte("\n"), []byte("\r\n")),
+		"base64 with tabs":        []byte(b64[:20] + "\t" + b64[20:40] + " " + b64[40:]),
+		"base64url":               []byte(base64.URLEncoding.EncodeToString(der)),
 	}
 	for name, body := range forms {
 		t.Run(name, func(t *testing.T) {
@@ -71,6 +74,24 @@ func TestCertsRoundTrip(t *testing.T) {
 	}
 	if _, err := est.DecodeCerts([]byte("bm9wZQ==")); err == nil {
 		t.Error("garbage decoded as certs")
+	}
+}
+
+// Bodies are base64 in 64-column lines, each ending in a newline, as
+// OpenSSL writes them.
+func TestEncodeCSRLines(t *testing.T) {
+	for n := range 200 {
+		b := bytes.Repeat([]byte{0xfb, 0x0f, 0x3e}, n/3+1)[:n]
+		enc := base64.StdEncoding.EncodeToString(b)
+		var want []byte
+		for len(enc) > 64 {
+			want = append(append(want, enc[:64]...), '\n')
+			enc = enc[64:]
+		}
+		want = append(append(want, enc...), '\n')
+		if got := est.EncodeCSR(b); !bytes.Equal(got, want) {
+			t.Fatalf("%d bytes: got %q, want %q", n, got, want)
+		}
 	}
 }
 

@@ -186,16 +186,37 @@ func WriteFileAtomic(path string, data []byte, perm os.FileMode) error {
 // keyID computes the RFC 5280 section 4.2.1.2 method 1 key identifier: the
 // SHA-1 of the subjectPublicKey bit string.
 func keyID(pub crypto.PublicKey) ([]byte, error) {
-	der, err := x509.MarshalPKIXPublicKey(pub)
-	if err != nil {
-		return nil, fmt.Errorf("marshal public key: %w", err)
-	}
-	bits, err := parseSPKI(der)
+	bits, err := subjectPublicKeyBits(pub)
 	if err != nil {
 		return nil, err
 	}
 	sum := sha1.Sum(bits) //nolint:gosec
 	return sum[:], nil
+}
+
+// subjectPublicKeyBits returns the content of the subjectPublicKey bit
+// string x509 writes for pub. Every certificate issued needs it (its
+// subject key identifier), so the key types the fleet policy allows take
+// a direct path, the same bytes x509.MarshalPKIXPublicKey wraps, instead
+// of a reflective DER round trip.
+func subjectPublicKeyBits(pub crypto.PublicKey) ([]byte, error) {
+	switch k := pub.(type) {
+	case *ecdsa.PublicKey:
+		if k.Curve == elliptic.P256() || k.Curve == elliptic.P384() {
+			b, err := k.Bytes()
+			if err != nil {
+				return nil, fmt.Errorf("marshal public key: %w", err)
+			}
+			return b, nil
+		}
+	case *rsa.PublicKey:
+		return x509.MarshalPKCS1PublicKey(k), nil
+	}
+	der, err := x509.MarshalPKIXPublicKey(pub)
+	if err != nil {
+		return nil, fmt.Errorf("marshal public key: %w", err)
+	}
+	return parseSPKI(der)
 }
 
 // newSerial returns a random positive 127-bit serial number.

@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"time"
 
+	bolt "go.etcd.io/bbolt"
+
 	"github.com/fleetgate/fleetgate/pkg/registry"
 )
 
@@ -22,10 +24,16 @@ func (s *Store) CheckToken(ctx context.Context, deviceID string, hash []byte, no
 	if err := checkTime("time", now); err != nil {
 		return fmt.Errorf("%s: %w", op, err)
 	}
-	return s.view(ctx, op, func(t *txn) error {
-		_, err := t.usableToken(deviceID, hash, now)
+	if err := s.ready(ctx); err != nil {
+		return fmt.Errorf("%s: %w", op, err)
+	}
+	return s.wrap(op, s.db.View(func(tx *bolt.Tx) error {
+		// Every enrollment runs this first: open only the two buckets
+		// usableToken reads.
+		t := &txn{tokens: tx.Bucket(bucketTokens), devices: tx.Bucket(bucketDevices)}
+		_, _, _, err := t.usableToken(deviceID, hash, now)
 		return err
-	})
+	}))
 }
 
 // Device returns one device.

@@ -85,34 +85,34 @@ func (t *txn) appendAudit(ev registry.AuditEvent) (uint64, error) {
 	return seq, nil
 }
 
-// usableToken checks a token for deviceID at now and returns it. The
-// order matters: nothing about a device is revealed to a caller whose token
-// is not bound to it.
-func (t *txn) usableToken(deviceID string, hash []byte, now time.Time) (registry.Token, error) {
-	var tok registry.Token
-	found, err := get(t.tokens, "token", hash, &tok)
+// usableToken checks a token for deviceID at now and returns it with the
+// device record, when there is one (found), which it reads anyway for the
+// revocation check. The order matters: nothing about a device is revealed
+// to a caller whose token is not bound to it.
+func (t *txn) usableToken(deviceID string, hash []byte, now time.Time) (tok registry.Token, d registry.Device, found bool, err error) {
+	found, err = get(t.tokens, "token", hash, &tok)
 	if err != nil {
-		return tok, err
+		return tok, d, false, err
 	}
 	// The key lookup already matched; the constant-time compare guards
 	// against a record whose stored hash disagrees with its key.
 	if !found || !registry.HashEqual(tok.Hash, hash) || tok.DeviceID != deviceID {
-		return tok, registry.ErrTokenInvalid
+		return tok, d, false, registry.ErrTokenInvalid
 	}
 	if !tok.UsedAt.IsZero() {
-		return tok, registry.ErrTokenUsed
+		return tok, d, false, registry.ErrTokenUsed
 	}
 	if !now.Before(tok.ExpiresAt) {
-		return tok, registry.ErrTokenExpired
+		return tok, d, false, registry.ErrTokenExpired
 	}
-	d, found, err := t.device(deviceID)
+	d, found, err = t.device(deviceID)
 	if err != nil {
-		return tok, err
+		return tok, d, false, err
 	}
 	if found && d.Status == registry.StatusRevoked {
-		return tok, fmt.Errorf("device %q: %w", deviceID, registry.ErrRevoked)
+		return tok, d, found, fmt.Errorf("device %q: %w", deviceID, registry.ErrRevoked)
 	}
-	return tok, nil
+	return tok, d, found, nil
 }
 
 // Input checks. Every failure wraps registry.ErrInvalid.

@@ -100,11 +100,7 @@ func (s *Store) Enroll(ctx context.Context, e registry.Enrollment) (registry.Dev
 	}
 	var dev registry.Device
 	err := s.grouped(ctx, op, func(t *txn) error {
-		tok, err := t.usableToken(e.DeviceID, e.TokenHash, e.Time)
-		if err != nil {
-			return err
-		}
-		d, found, err := t.device(e.DeviceID)
+		tok, d, found, err := t.usableToken(e.DeviceID, e.TokenHash, e.Time)
 		if err != nil {
 			return err
 		}
