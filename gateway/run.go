@@ -42,6 +42,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&cfg.ESTListen, "est-listen", server.DefaultESTListen, "EST enrollment and CRL (HTTPS) listen address")
 	fs.StringVar(&cfg.AdminListen, "admin-listen", server.DefaultAdmin, "admin API (HTTPS, operator certificates only) listen address")
 	fs.StringVar(&cfg.MetricsListen, "metrics-listen", "", "optional plain-HTTP /metrics listen address, e.g. 127.0.0.1:9100")
+	fs.BoolVar(&cfg.Pprof, "pprof", false, "also serve Go's profiler under /debug/pprof/ on --metrics-listen")
 	fs.BoolVar(&cfg.Dev, "dev", false, "development mode: create a CA and certificates in the data directory on first start")
 	fs.StringVar(&hosts, "hosts", "localhost,127.0.0.1,::1", "with --dev: host names and IPs for the server certificate")
 	fs.DurationVar(&cfg.DeviceTTL, "device-cert-ttl", 0, "lifetime of device certificates (default 720h)")

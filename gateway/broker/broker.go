@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net"
 	"strings"
 	"sync"
@@ -72,6 +73,14 @@ type Config struct {
 	// MaxInflight is each session's store of unacknowledged QoS 1/2
 	// messages (mochi's default, 8192, when 0).
 	MaxInflight uint16
+	// DeviceWriteQueue and ServiceWriteQueue are the messages waiting to
+	// be written to one device or service session
+	// (DefaultDeviceWriteQueue and DefaultServiceWriteQueue when 0). A
+	// message that finds its subscriber's queue full is dropped and
+	// counted (fleetgate_mqtt_queue_dropped_total); device QoS 1
+	// publishes wait for a congested service instead (see backpressure).
+	DeviceWriteQueue  int
+	ServiceWriteQueue int
 	// MaxPayload bounds the payload of a device's PUBLISH
 	// (DefaultMaxPayload when 0, none when negative).
 	MaxPayload int
@@ -123,6 +132,12 @@ func New(cfg Config) (*Broker, error) {
 	if cfg.MaxPayload == 0 {
 		cfg.MaxPayload = DefaultMaxPayload
 	}
+	if cfg.DeviceWriteQueue <= 0 {
+		cfg.DeviceWriteQueue = DefaultDeviceWriteQueue
+	}
+	if cfg.ServiceWriteQueue <= 0 {
+		cfg.ServiceWriteQueue = DefaultServiceWriteQueue
+	}
 	cfg.ConnectRate = cfg.ConnectRate.Or(DefaultConnectRate)
 	cfg.PublishRate = cfg.PublishRate.Or(DefaultPublishRate)
 	for name, r := range map[string]limit.Rate{"connect rate": cfg.ConnectRate, "publish rate": cfg.PublishRate} {
@@ -165,7 +180,9 @@ func New(cfg Config) (*Broker, error) {
 		current:      make(map[string]*mqtt.Client),
 		maxPayload:   cfg.MaxPayload,
 		publishRate:  cfg.PublishRate,
-		inflightHigh: int(caps.MaximumInflight) / 2,
+		// A service counts as congested with half its in-flight store or
+		// write queue taken: the other half absorbs presence and QoS 0.
+		gate: newGate(min(int(caps.MaximumInflight), cfg.ServiceWriteQueue) / 2),
 	}
 	if err := srv.AddHook(h, nil); err != nil {
 		return nil, fmt.Errorf("broker: add hook: %w", err)
@@ -190,6 +207,7 @@ func New(cfg Config) (*Broker, error) {
 		TLS:           cfg.TLS,
 		Timeout:       cfg.ConnectTimeout,
 		KeepDeadline:  true,
+		WrapConn:      func(c net.Conn) net.Conn { return &batchConn{Conn: c} },
 		ConnectRate:   cfg.ConnectRate,
 		MaxHandshakes: cfg.MaxHandshakes,
 		MaxPerSource:  perSource(cfg.ConnectRate),
@@ -199,7 +217,14 @@ func New(cfg Config) (*Broker, error) {
 		Logger:  log,
 		Metrics: m,
 	})
-	if err := srv.AddListener(listeners.NewNet("mqtt-tls", l)); err != nil {
+	sl := &sessionListener{
+		Net:    listeners.NewNet("mqtt-tls", l),
+		caps:   caps,
+		td:     cfg.TrustDomain,
+		device: int32(min(cfg.DeviceWriteQueue, math.MaxInt32)),
+		server: int32(min(cfg.ServiceWriteQueue, math.MaxInt32)),
+	}
+	if err := srv.AddListener(sl); err != nil {
 		return nil, fmt.Errorf("broker: add listener: %w", err)
 	}
 	return &Broker{srv: srv, hook: h, addr: cfg.Listener.Addr(), log: log}, nil
@@ -300,16 +325,14 @@ type hook struct {
 
 	// maxPayload bounds device payloads (<= 0: none).
 	maxPayload int
-	// publishRate is each device session's publish bucket; buckets holds
-	// them by *mqtt.Client (a sync.Map: read on every publish without a
-	// shared lock, written once per session).
+	// publishRate is each device session's publish bucket; devices holds
+	// each live device session's *deviceSession by *mqtt.Client (a
+	// sync.Map: read on every publish without a shared lock, written once
+	// per session).
 	publishRate limit.Rate
-	buckets     sync.Map
-	// services holds the live service sessions, whose in-flight stores
-	// device publishes wait on (see backpressure); inflightHigh is the
-	// level at which a subscriber counts as congested.
-	services     sync.Map // *mqtt.Client -> struct{}
-	inflightHigh int
+	devices     sync.Map
+	// gate holds device QoS 1/2 publishes while a service is congested.
+	gate *gate
 }
 
 // servicePrefix starts the internal client ID of every service session.
@@ -333,7 +356,7 @@ func (h *hook) ID() string { return "fleetgate" }
 func (h *hook) Provides(b byte) bool {
 	switch b {
 	case mqtt.OnConnect, mqtt.OnConnectAuthenticate, mqtt.OnACLCheck,
-		mqtt.OnSessionEstablished, mqtt.OnDisconnect, mqtt.OnPublish, mqtt.OnPublished, mqtt.OnPacketSent, mqtt.OnPublishDropped:
+		mqtt.OnSessionEstablished, mqtt.OnDisconnect, mqtt.OnPublish, mqtt.OnPublished, mqtt.OnPacketSent, mqtt.OnPublishDropped, mqtt.OnQosComplete:
 		return true
 	}
 	return false
@@ -450,14 +473,12 @@ func (h *hook) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
 	}
 	h.mu.Unlock()
 	if role == identity.RoleService {
-		h.services.Store(cl, struct{}{})
+		h.gate.addService(cl)
 	}
 	if role != identity.RoleDevice {
 		return
 	}
-	if p := limit.NewPacer(h.publishRate); p != nil {
-		h.buckets.Store(cl, p)
-	}
+	h.devices.Store(cl, &deviceSession{pacer: limit.NewPacer(h.publishRate)})
 	if h.onSeen != nil {
 		h.onSeen(name, time.Now())
 	}
@@ -471,8 +492,10 @@ func (h *hook) OnSessionEstablished(cl *mqtt.Client, pk packets.Packet) {
 
 func (h *hook) OnDisconnect(cl *mqtt.Client, err error, expire bool) {
 	role, name := clientIdentity(cl.ID)
-	h.buckets.Delete(cl)
-	h.services.Delete(cl)
+	if v, ok := h.devices.LoadAndDelete(cl); ok {
+		h.gate.release(v.(*deviceSession))
+	}
+	h.gate.removeService(cl)
 	h.m.Sessions.Dec()
 	h.mu.Lock()
 	h.sessions--
@@ -499,8 +522,14 @@ func (h *hook) publishPresence(deviceID, state string) {
 }
 
 func (h *hook) OnPublished(cl *mqtt.Client, pk packets.Packet) {
-	if !cl.Net.Inline {
-		h.m.MessagesIn.Inc()
+	if cl.Net.Inline {
+		return
+	}
+	h.m.MessagesIn.Inc()
+	if pk.FixedHeader.Qos > 0 {
+		if v, ok := h.devices.Load(cl); ok {
+			h.gate.release(v.(*deviceSession))
+		}
 	}
 }
 

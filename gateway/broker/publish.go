@@ -6,15 +6,14 @@ import (
 
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
-
-	"github.com/fleetgate/fleetgate/gateway/limit"
 )
 
 // OnPublish bounds what one device may publish: payloads up to maxPayload,
 // and publishes at its session's rate. It runs on the publishing client's
 // own reader goroutine after the ACL check, for every PUBLISH: the common
 // path is one sync.Map load and one atomic token-bucket take (limit.Pacer),
-// with no lock and no allocation. Services and the gateway's own publishes
+// with no lock and no allocation; QoS 1/2 publishes pass the gate
+// (backpressure.go). Services and the gateway's own publishes
 // pass untouched.
 func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
 	if cl.Net.Inline || strings.HasPrefix(cl.ID, servicePrefix) {
@@ -23,58 +22,22 @@ func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, er
 	if h.maxPayload > 0 && len(pk.Payload) > h.maxPayload {
 		return pk, h.refusePublish(cl, pk, packets.ErrPacketTooLarge, "payload_too_large")
 	}
-	if v, ok := h.buckets.Load(cl); ok {
-		if wait := v.(*limit.Pacer).Take(); wait > 0 {
+	v, ok := h.devices.Load(cl)
+	if !ok {
+		return pk, nil
+	}
+	ds := v.(*deviceSession)
+	if ds.pacer != nil {
+		if wait := ds.pacer.Take(); wait > 0 {
 			if err := h.pace(cl, wait); err != nil {
 				return pk, err
 			}
 		}
 	}
 	if pk.FixedHeader.Qos > 0 {
-		return pk, h.backpressure(cl)
+		return pk, h.admit(cl, ds)
 	}
 	return pk, nil
-}
-
-// maxBackpressure bounds how long one publish waits for a congested
-// subscriber, so a service that stops acknowledging cannot stall devices
-// forever; past it mochi may drop for that subscriber (counted in
-// fleetgate_mqtt_inflight_dropped_total).
-const maxBackpressure = 5 * time.Second
-
-// backpressure holds a device's QoS 1/2 publish while a service
-// subscriber has more than half its in-flight store unacknowledged. mochi
-// acknowledges a publish to the device before delivering it and drops it
-// for a subscriber whose store is full: waiting here, before the
-// acknowledgement, turns that loss into a delay the device absorbs (its
-// agent spools), exactly like publish pacing.
-func (h *hook) backpressure(cl *mqtt.Client) error {
-	if !h.congested() {
-		return nil
-	}
-	h.m.PublishesBackpressured.Inc()
-	for waited := time.Duration(0); waited < maxBackpressure && h.congested(); waited += time.Millisecond {
-		time.Sleep(time.Millisecond)
-		if cl.Closed() {
-			return packets.ErrRejectPacket
-		}
-	}
-	return nil
-}
-
-// congested reports whether any live service subscriber's in-flight store
-// is above the high-water mark. There are few service sessions, so the
-// scan is short.
-func (h *hook) congested() bool {
-	busy := false
-	h.services.Range(func(k, _ any) bool {
-		if k.(*mqtt.Client).State.Inflight.Len() >= h.inflightHigh {
-			busy = true
-			return false
-		}
-		return true
-	})
-	return busy
 }
 
 // maxPaceStep bounds one sleep of a paced reader, so a session closed
@@ -89,6 +52,7 @@ const maxPaceStep = 100 * time.Millisecond
 // device slows only itself; other sessions have readers of their own.
 func (h *hook) pace(cl *mqtt.Client, wait time.Duration) error {
 	h.m.PublishesThrottled.Inc()
+	flush(cl)
 	for ; wait > 0; wait -= maxPaceStep {
 		time.Sleep(min(wait, maxPaceStep))
 		if cl.Closed() {

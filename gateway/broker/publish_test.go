@@ -24,6 +24,7 @@ func testHook(r limit.Rate) *hook {
 		current:     map[string]*mqtt.Client{},
 		maxPayload:  DefaultMaxPayload,
 		publishRate: r.Or(DefaultPublishRate),
+		gate:        newGate(DefaultServiceWriteQueue / 2),
 	}
 }
 
@@ -31,9 +32,7 @@ func testHook(r limit.Rate) *hook {
 func (h *hook) session(id string) *mqtt.Client {
 	a, _ := net.Pipe()
 	cl := h.srv.NewClient(a, "test", id, false)
-	if p := limit.NewPacer(h.publishRate); p != nil {
-		h.buckets.Store(cl, p)
-	}
+	h.devices.Store(cl, &deviceSession{pacer: limit.NewPacer(h.publishRate)})
 	return cl
 }
 

@@ -40,6 +40,9 @@ type ListenerConfig struct {
 	// handshake instead of clearing it: the MQTT listener uses it to bound
 	// the CONNECT packet too.
 	KeepDeadline bool
+	// WrapConn, when set, wraps each connection under TLS (the MQTT
+	// listener batches writes there).
+	WrapConn func(net.Conn) net.Conn
 	// ConnectRate limits new connections per source; zero or Off for none.
 	// Refused connections are closed before any TLS work.
 	ConnectRate Rate
@@ -272,7 +275,11 @@ func (l *Listener) handshake(p pending) {
 		_ = p.conn.Close()
 		return
 	}
-	tc := tls.Server(p.conn, l.cfg.TLS)
+	raw := p.conn
+	if l.cfg.WrapConn != nil {
+		raw = l.cfg.WrapConn(raw)
+	}
+	tc := tls.Server(raw, l.cfg.TLS)
 	ctx, cancel := context.WithDeadline(l.ctx, p.deadline)
 	err := tc.HandshakeContext(ctx)
 	cancel()
