@@ -49,24 +49,34 @@ func (l *sessionListener) Serve(establish listeners.EstablishFn) {
 			return establish(id, c)
 		}
 		sc := &sessionConn{Conn: tc}
+		service := l.isService(tc)
+		if bc, ok := tc.NetConn().(*batchConn); ok && service {
+			// A service's input is acknowledgements of its deliveries:
+			// holding deliveries until it has read them all would add
+			// latency for nothing.
+			bc.writeThrough()
+		}
+		queue := l.device
+		if service {
+			queue = l.server
+		}
 		l.qmu.Lock()
-		l.caps.MaximumClientWritesPending = l.queueFor(tc)
+		l.caps.MaximumClientWritesPending = queue
 		sc.created = l.qmu.Unlock
 		defer sc.clientCreated()
 		return establish(id, sc)
 	})
 }
 
-// queueFor is the write queue of a connection's client: long for
-// services, short for everyone else (devices; clients refused at CONNECT
-// need none at all).
-func (l *sessionListener) queueFor(c *tls.Conn) int32 {
+// isService reports whether a connection's certificate is a service's:
+// its client gets the long write queue, everyone else the short one
+// (devices; clients refused at CONNECT need none at all).
+func (l *sessionListener) isService(c *tls.Conn) bool {
 	if certs := c.ConnectionState().PeerCertificates; len(certs) > 0 {
-		if id, err := identity.FromCertificate(certs[0], l.td); err == nil && id.Role == identity.RoleService {
-			return l.server
-		}
+		id, err := identity.FromCertificate(certs[0], l.td)
+		return err == nil && id.Role == identity.RoleService
 	}
-	return l.device
+	return false
 }
 
 // sessionConn is a client's TLS connection as mochi sees it: it releases
@@ -116,6 +126,7 @@ type batchConn struct {
 
 	mu       sync.Mutex // guards the fields below
 	batching bool       // input arrived; the session is working on it
+	through  bool       // never batch (service sessions)
 	batch    []byte
 	err      error // first write error; later writes fail with it
 }
@@ -132,10 +143,18 @@ func (c *batchConn) Read(p []byte) (int, error) {
 	n, err := c.Conn.Read(p)
 	if n > 0 {
 		c.mu.Lock()
-		c.batching = true
+		c.batching = !c.through
 		c.mu.Unlock()
 	}
 	return n, err
+}
+
+// writeThrough turns batching off for good; what is batched goes out at
+// the next read.
+func (c *batchConn) writeThrough() {
+	c.mu.Lock()
+	c.through = true
+	c.mu.Unlock()
 }
 
 // Write joins the batch while the session works on input, and is written
@@ -199,7 +218,7 @@ func (c *batchConn) flushLocked() error {
 	}
 	// Keep a small buffer for the next batch; give big ones back. Appends
 	// happen under wmu, which the caller holds: c.batch is still nil.
-	if cap(b) <= 2<<10 {
+	if cap(b) <= 256 {
 		c.mu.Lock()
 		c.batch = b[:0]
 		c.mu.Unlock()

@@ -333,7 +333,32 @@ func TestWriteQueueSizedByRole(t *testing.T) {
 		if n := writeQueue(t, e.b, fmt.Sprintf("service:ingest:worker-%d", i)); n != 4096 {
 			t.Errorf("service write queue %d, want 4096", n)
 		}
+		// Deliveries to a service are never held behind its input.
+		if batches(t, e.b, fmt.Sprintf("dev-%d", i)) != true || batches(t, e.b, fmt.Sprintf("service:ingest:worker-%d", i)) != false {
+			t.Errorf("device %d batches %v, service batches %v; want true, false", i,
+				batches(t, e.b, fmt.Sprintf("dev-%d", i)), batches(t, e.b, fmt.Sprintf("service:ingest:worker-%d", i)))
+		}
 	}
+}
+
+// batches reports whether a client's connection batches its writes.
+func batches(t *testing.T, b *Broker, clientID string) bool {
+	t.Helper()
+	cl, ok := b.srv.Clients.Get(clientID)
+	if !ok {
+		t.Fatalf("no client %q", clientID)
+	}
+	sc, ok := cl.Net.Conn.(*sessionConn)
+	if !ok {
+		t.Fatalf("client %q: connection %T, want *sessionConn", clientID, cl.Net.Conn)
+	}
+	bc, ok := sc.Conn.NetConn().(*batchConn)
+	if !ok {
+		t.Fatalf("client %q: TLS over %T, want *batchConn", clientID, sc.Conn.NetConn())
+	}
+	bc.mu.Lock()
+	defer bc.mu.Unlock()
+	return !bc.through
 }
 
 func TestGate(t *testing.T) {
