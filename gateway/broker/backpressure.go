@@ -122,8 +122,9 @@ func (g *gate) wakeChan() <-chan struct{} {
 }
 
 // admit lets a device's QoS 1/2 publish through the gate, waiting while
-// a service is congested. The session's batched acknowledgements go out
-// before it waits.
+// a service is congested. A wait is usually short (the service catching
+// up); the session's batched acknowledgements go out once it has waited
+// gateRecheck, so none is held longer than that.
 func (h *hook) admit(cl *mqtt.Client, s *deviceSession) error {
 	g := h.gate
 	g.release(s) // a place left by a publish mochi dropped after OnPublish
@@ -131,7 +132,6 @@ func (h *hook) admit(cl *mqtt.Client, s *deviceSession) error {
 		return nil
 	}
 	h.m.PublishesBackpressured.Inc()
-	flush(cl)
 	deadline := time.Now().Add(maxBackpressure)
 	t := time.NewTimer(gateRecheck)
 	defer t.Stop()
@@ -146,6 +146,7 @@ func (h *hook) admit(cl *mqtt.Client, s *deviceSession) error {
 		select {
 		case <-wake:
 		case <-t.C:
+			flush(cl)
 		}
 		g.waiters.Add(-1)
 		if cl.Closed() {
