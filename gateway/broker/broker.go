@@ -27,6 +27,7 @@ import (
 	"github.com/fleetgate/fleetgate/gateway/limit"
 	"github.com/fleetgate/fleetgate/gateway/metrics"
 	"github.com/fleetgate/fleetgate/pkg/identity"
+	"github.com/fleetgate/fleetgate/pkg/pki"
 	"github.com/fleetgate/fleetgate/pkg/topic"
 )
 
@@ -204,7 +205,7 @@ func New(cfg Config) (*Broker, error) {
 	m := cfg.Metrics
 	l := limit.NewListener(cfg.Listener, limit.ListenerConfig{
 		Name:          "mqtt",
-		TLS:           cfg.TLS,
+		TLS:           pki.LeafClientAuth(cfg.TLS),
 		Timeout:       cfg.ConnectTimeout,
 		KeepDeadline:  true,
 		WrapConn:      func(c net.Conn) net.Conn { return &batchConn{Conn: c} },
