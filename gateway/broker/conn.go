@@ -16,11 +16,13 @@ import (
 // writes, sized by one server-wide capability, MaximumClientWritesPending
 // (8,192 slots, 64 KiB, by default). A device receives only its own
 // commands, so a short queue serves it; a service subscriber receives the
-// whole fleet's telemetry and keeps the long one. With 10,000 idle devices
-// the default queue alone was 72 % of the gateway's heap.
+// whole fleet's telemetry and gets a longer one than mochi's default, so a
+// burst of QoS 0 telemetry waits instead of being dropped (256 KiB per
+// service session; services are few). With 10,000 idle devices mochi's
+// default queue alone was 72 % of the gateway's heap.
 const (
 	DefaultDeviceWriteQueue  = 256
-	DefaultServiceWriteQueue = 8192
+	DefaultServiceWriteQueue = 32768
 )
 
 // sessionListener is mochi's TCP listener with two additions per
