@@ -208,7 +208,7 @@ func New(cfg Config) (*Broker, error) {
 		TLS:           pki.LeafClientAuth(cfg.TLS),
 		Timeout:       cfg.ConnectTimeout,
 		KeepDeadline:  true,
-		WrapConn:      func(c net.Conn) net.Conn { return &batchConn{Conn: c} },
+		WrapConn:      func(c net.Conn) net.Conn { return newBatchConn(c) },
 		ConnectRate:   cfg.ConnectRate,
 		MaxHandshakes: cfg.MaxHandshakes,
 		MaxPerSource:  perSource(cfg.ConnectRate),

@@ -4,6 +4,7 @@ import (
 	"crypto/tls"
 	"net"
 	"sync"
+	"syscall"
 	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
@@ -123,6 +124,7 @@ const maxBatch = 32 << 10
 // otherwise have written itself.
 type batchConn struct {
 	net.Conn
+	raw syscall.RawConn // for readReady; nil when Conn has no file descriptor
 
 	wmu sync.Mutex // serializes writes to Conn
 
@@ -133,9 +135,31 @@ type batchConn struct {
 	err      error // first write error; later writes fail with it
 }
 
+func newBatchConn(c net.Conn) *batchConn {
+	bc := &batchConn{Conn: c}
+	if sc, ok := c.(syscall.Conn); ok {
+		if raw, err := sc.SyscallConn(); err == nil {
+			bc.raw = raw
+		}
+	}
+	return bc
+}
+
 // Read flushes the batch, then reads; with input, writes batch until the
 // next Read.
 func (c *batchConn) Read(p []byte) (int, error) {
+	c.mu.Lock()
+	pending := len(c.batch) > 0 && c.err == nil
+	c.mu.Unlock()
+	if pending {
+		// More input already waiting (a device's next publishes of its
+		// window): the session goes on working and the batch grows. One
+		// non-blocking read decides; under load it saves a write per
+		// packet, idle it costs one read that finds nothing.
+		if n, ok := readReady(c.raw, p); ok {
+			return n, nil
+		}
+	}
 	c.mu.Lock()
 	c.batching = false
 	c.mu.Unlock()

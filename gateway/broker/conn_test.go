@@ -43,7 +43,10 @@ func tcpPair(t *testing.T) (*batchConn, net.Conn) {
 	if srv == nil {
 		t.Fatal("accept failed")
 	}
-	bc := &batchConn{Conn: srv}
+	bc := newBatchConn(srv)
+	if bc.raw == nil {
+		t.Fatal("no raw connection for readReady")
+	}
 	t.Cleanup(func() { bc.Close(); peer.Close() })
 	return bc, peer
 }
@@ -113,6 +116,28 @@ func TestBatchConn(t *testing.T) {
 		if err := <-done; err != nil {
 			t.Fatal(err)
 		}
+	})
+
+	t.Run("a read that finds more input waiting keeps the batch", func(t *testing.T) {
+		bc, peer := tcpPair(t)
+		_, _ = peer.Write([]byte("qr"))
+		buf := make([]byte, 1)
+		if _, err := io.ReadFull(bc, buf); err != nil || buf[0] != 'q' {
+			t.Fatalf("read %q, %v", buf, err)
+		}
+		_, _ = bc.Write([]byte("a1"))
+		if _, err := bc.Read(buf); err != nil || buf[0] != 'r' {
+			t.Fatalf("read %q, %v", buf, err)
+		}
+		if got := readWithin(peer, 100*time.Millisecond); got != "" {
+			t.Fatalf("peer got %q while input was still waiting", got)
+		}
+		_, _ = bc.Write([]byte("b2"))
+		go func() { _, _ = bc.Read(buf) }() // nothing waiting: flushes, then blocks
+		if got := readFull(t, peer, 4); got != "a1b2" {
+			t.Fatalf("peer got %q, want a1b2", got)
+		}
+		_, _ = peer.Write([]byte("x"))
 	})
 
 	t.Run("Flush writes the batch", func(t *testing.T) {
