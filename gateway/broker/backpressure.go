@@ -48,8 +48,12 @@ const gateRecheck = 50 * time.Millisecond
 // high-low acknowledgements, not a poll per publish.
 type gate struct {
 	high, low int64
-	services  sync.Map // live service sessions: *mqtt.Client -> struct{}
-	nservices atomic.Int32
+	// stuckAfter: a service whose store is full and that acknowledged
+	// nothing for this long no longer holds devices back (see level).
+	stuckAfter time.Duration
+	onStuck    func(cl *mqtt.Client) // called once per stall (logging)
+	services   sync.Map              // live service sessions: *mqtt.Client -> *serviceState
+	nservices  atomic.Int32
 	pending   atomic.Int64 // admitted publishes not yet delivered
 	waiters   atomic.Int32
 
@@ -57,14 +61,31 @@ type gate struct {
 	wake chan struct{} // closed and replaced to wake every waiter
 }
 
+// serviceState is what the gate knows of one service session.
+type serviceState struct {
+	lastAck atomic.Int64 // unix nanoseconds of its last acknowledgement (or of its start)
+	stuck   atomic.Bool  // reported as stuck; cleared by its next acknowledgement
+}
+
 func newGate(high int) *gate {
 	high = max(high, 2)
-	return &gate{high: int64(high), low: int64(high) * 3 / 4, wake: make(chan struct{})}
+	return &gate{high: int64(high), low: int64(high) * 3 / 4, stuckAfter: maxBackpressure, wake: make(chan struct{})}
 }
 
 func (g *gate) addService(cl *mqtt.Client) {
-	if _, loaded := g.services.LoadOrStore(cl, struct{}{}); !loaded {
+	st := &serviceState{}
+	st.lastAck.Store(time.Now().UnixNano())
+	if _, loaded := g.services.LoadOrStore(cl, st); !loaded {
 		g.nservices.Add(1)
+	}
+}
+
+// acked records a service's acknowledgement.
+func (g *gate) acked(cl *mqtt.Client) {
+	if v, ok := g.services.Load(cl); ok {
+		st := v.(*serviceState)
+		st.lastAck.Store(time.Now().UnixNano())
+		st.stuck.Store(false)
 	}
 }
 
@@ -77,10 +98,29 @@ func (g *gate) removeService(cl *mqtt.Client) {
 }
 
 // level is the fullest service's in-flight store plus the reservations.
+// A service at the mark that has acknowledged nothing for stuckAfter is
+// left out: it has stopped reading (hung, not slow), and holding every
+// device's publishes for it until its keepalive expires would stall the
+// fleet; mochi drops for it instead, counted in
+// fleetgate_mqtt_inflight_dropped_total.
 func (g *gate) level() int64 {
 	var most int
-	g.services.Range(func(k, _ any) bool {
-		most = max(most, k.(*mqtt.Client).State.Inflight.Len())
+	var now int64
+	g.services.Range(func(k, v any) bool {
+		cl, st := k.(*mqtt.Client), v.(*serviceState)
+		n := cl.State.Inflight.Len()
+		if int64(n) >= g.high {
+			if now == 0 {
+				now = time.Now().UnixNano()
+			}
+			if time.Duration(now-st.lastAck.Load()) > g.stuckAfter {
+				if !st.stuck.Swap(true) && g.onStuck != nil {
+					g.onStuck(cl)
+				}
+				return true
+			}
+		}
+		most = max(most, n)
 		return true
 	})
 	return int64(most) + g.pending.Load()
@@ -164,6 +204,7 @@ func (h *hook) admit(cl *mqtt.Client, s *deviceSession) error {
 // make room.
 func (h *hook) OnQosComplete(cl *mqtt.Client, _ packets.Packet) {
 	if strings.HasPrefix(cl.ID, servicePrefix) {
+		h.gate.acked(cl)
 		h.gate.maybeWake()
 	}
 }

@@ -185,6 +185,9 @@ func New(cfg Config) (*Broker, error) {
 		// write queue taken: the other half absorbs presence and QoS 0.
 		gate: newGate(min(int(caps.MaximumInflight), cfg.ServiceWriteQueue) / 2),
 	}
+	h.gate.onStuck = func(cl *mqtt.Client) {
+		log.Warn("service stopped acknowledging; device publishes no longer wait for it", "client", cl.ID, "unacknowledged", cl.State.Inflight.Len())
+	}
 	if err := srv.AddHook(h, nil); err != nil {
 		return nil, fmt.Errorf("broker: add hook: %w", err)
 	}

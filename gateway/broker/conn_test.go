@@ -460,6 +460,34 @@ func TestGate(t *testing.T) {
 		}
 	})
 
+	t.Run("a full service that stopped acknowledging no longer holds devices back", func(t *testing.T) {
+		h := testHook(DefaultPublishRate)
+		h.gate = newGate(10)
+		h.gate.stuckAfter = 100 * time.Millisecond
+		stalls := 0
+		h.gate.onStuck = func(*mqtt.Client) { stalls++ }
+		svc := newService(h, 10)
+		if h.gate.tryAdmit(&deviceSession{}) {
+			t.Fatal("admitted past a full service that acknowledged just now")
+		}
+		v, _ := h.gate.services.Load(svc)
+		v.(*serviceState).lastAck.Store(time.Now().Add(-time.Second).UnixNano())
+		for range 3 {
+			if !h.gate.tryAdmit(&deviceSession{}) {
+				t.Fatal("a service silent for a second still holds publishes")
+			}
+		}
+		if stalls != 1 {
+			t.Fatalf("stall reported %d times, want once", stalls)
+		}
+		// It acknowledges again: it counts again (and a new stall would be
+		// reported again).
+		h.OnQosComplete(svc, packets.Packet{})
+		if h.gate.tryAdmit(&deviceSession{}) {
+			t.Fatal("admitted past a full service that acknowledges again")
+		}
+	})
+
 	t.Run("a session's place is given back on disconnect", func(t *testing.T) {
 		h := testHook(DefaultPublishRate)
 		h.gate = newGate(10)
