@@ -54,8 +54,8 @@ type gate struct {
 	onStuck    func(cl *mqtt.Client) // called once per stall (logging)
 	services   sync.Map              // live service sessions: *mqtt.Client -> *serviceState
 	nservices  atomic.Int32
-	pending   atomic.Int64 // admitted publishes not yet delivered
-	waiters   atomic.Int32
+	pending    atomic.Int64 // admitted publishes not yet delivered
+	waiters    atomic.Int32
 
 	mu   sync.Mutex
 	wake chan struct{} // closed and replaced to wake every waiter
