@@ -204,9 +204,14 @@ func TestFleet(t *testing.T) {
 		lctx, lcancel := context.WithTimeout(ctx, 600*time.Millisecond)
 		f.Run(lctx, fleet.LoadOptions{Interval: 100 * time.Millisecond, QoS: 1, Payload: 100})
 		lcancel()
+		// Every acknowledged message arrives. A publish cut off by the end
+		// of the load may have been delivered before its acknowledgement
+		// came back (a device session's acknowledgement leaves after the message went to the subscribers): at most
+		// one per device, each publishing one at a time.
 		want := f.Stats.Published.Load()
-		if got := sub.R.WaitQuiet(ctx, want, 5*time.Second); got != want || want <= 80 {
-			t.Fatalf("received %d of %d", got, want)
+		got := sub.R.WaitQuiet(ctx, want, 5*time.Second)
+		if got < want || got > want+int64(len(f.Devices)) || want <= 80 {
+			t.Fatalf("received %d of %d acknowledged (%d devices)", got, want, len(f.Devices))
 		}
 	})
 
