@@ -126,15 +126,20 @@ func (g *gate) level() int64 {
 	return int64(most) + g.pending.Load()
 }
 
-// tryAdmit reserves a place if the level allows it.
+// tryAdmit reserves a place, and keeps it if the level allows.
 func (g *gate) tryAdmit(s *deviceSession) bool {
-	g.pending.Add(1)
+	g.reserve(s)
 	if g.level() > g.high {
-		g.pending.Add(-1)
+		g.release(s)
 		return false
 	}
-	s.admitted.Store(true)
 	return true
+}
+
+// reserve takes a place for the session's publish.
+func (g *gate) reserve(s *deviceSession) {
+	s.admitted.Store(true)
+	g.pending.Add(1)
 }
 
 // release gives back the session's place, if it holds one.
@@ -193,8 +198,7 @@ func (h *hook) admit(cl *mqtt.Client, s *deviceSession) error {
 			return packets.ErrRejectPacket
 		}
 		if !time.Now().Before(deadline) {
-			g.pending.Add(1)
-			s.admitted.Store(true)
+			g.reserve(s)
 			return nil
 		}
 	}

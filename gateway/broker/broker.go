@@ -371,20 +371,40 @@ type connectionStater interface {
 }
 
 // peerIdentity maps the client's verified certificate to its identity.
+// A connection from the gateway's listener carries it, worked out once
+// after the handshake (sessionConn); any other connection is mapped here.
 func (h *hook) peerIdentity(cl *mqtt.Client) (identity.Identity, *x509.Certificate, string, error) {
-	cs, ok := cl.Net.Conn.(connectionStater)
+	if sc, ok := cl.Net.Conn.(*sessionConn); ok {
+		return sc.peer.id, sc.peer.cert, sc.peer.reason, sc.peer.err
+	}
+	p := identify(cl.Net.Conn, h.td)
+	return p.id, p.cert, p.reason, p.err
+}
+
+// peer is what a connection's certificate says about its client.
+type peer struct {
+	id     identity.Identity
+	cert   *x509.Certificate
+	reason string // metric label when err is set
+	err    error
+}
+
+// identify maps a connection's verified client certificate to an identity
+// of trust domain td.
+func identify(c net.Conn, td string) peer {
+	cs, ok := c.(connectionStater)
 	if !ok {
-		return identity.Identity{}, nil, "not_tls", errors.New("connection is not TLS")
+		return peer{reason: "not_tls", err: errors.New("connection is not TLS")}
 	}
 	st := cs.ConnectionState()
 	if len(st.PeerCertificates) == 0 {
-		return identity.Identity{}, nil, "no_client_cert", errors.New("no client certificate")
+		return peer{reason: "no_client_cert", err: errors.New("no client certificate")}
 	}
-	id, err := identity.FromCertificate(st.PeerCertificates[0], h.td)
+	id, err := identity.FromCertificate(st.PeerCertificates[0], td)
 	if err != nil {
-		return identity.Identity{}, nil, "no_identity", err
+		return peer{reason: "no_identity", err: err}
 	}
-	return id, st.PeerCertificates[0], "", nil
+	return peer{id: id, cert: st.PeerCertificates[0]}
 }
 
 // OnConnect admits a client only with a device or service certificate of

@@ -27,8 +27,9 @@ const (
 )
 
 // sessionListener is mochi's TCP listener with two additions per
-// connection: the write queue mochi creates for it is sized for the
-// client's role, and its writes go through a sessionConn.
+// connection: the client's identity is read from its certificate once,
+// for every hook to use (sessionConn), and the write queue mochi creates
+// for the client is sized for its role.
 //
 // mochi reads MaximumClientWritesPending only when it creates a client,
 // which happens at the start of EstablishConnection, before the first read
@@ -51,17 +52,16 @@ func (l *sessionListener) Serve(establish listeners.EstablishFn) {
 		if !ok {
 			return establish(id, c)
 		}
-		sc := &sessionConn{Conn: tc}
-		service := l.isService(tc)
-		if bc, ok := tc.NetConn().(*batchConn); ok && service {
+		sc := &sessionConn{Conn: tc, peer: identify(tc, l.td)}
+		queue := l.device
+		if sc.peer.err == nil && sc.peer.id.Role == identity.RoleService {
+			queue = l.server
 			// A service's input is acknowledgements of its deliveries:
 			// holding deliveries until it has read them all would add
 			// latency for nothing.
-			bc.writeThrough()
-		}
-		queue := l.device
-		if service {
-			queue = l.server
+			if bc, ok := tc.NetConn().(*batchConn); ok {
+				bc.writeThrough()
+			}
 		}
 		l.qmu.Lock()
 		l.caps.MaximumClientWritesPending = queue
@@ -71,21 +71,12 @@ func (l *sessionListener) Serve(establish listeners.EstablishFn) {
 	})
 }
 
-// isService reports whether a connection's certificate is a service's:
-// its client gets the long write queue, everyone else the short one
-// (devices; clients refused at CONNECT need none at all).
-func (l *sessionListener) isService(c *tls.Conn) bool {
-	if certs := c.ConnectionState().PeerCertificates; len(certs) > 0 {
-		id, err := identity.FromCertificate(certs[0], l.td)
-		return err == nil && id.Role == identity.RoleService
-	}
-	return false
-}
-
-// sessionConn is a client's TLS connection as mochi sees it: it releases
-// the listener's queue-size lock at the first read.
+// sessionConn is a client's TLS connection as mochi sees it: it carries
+// the client's identity and releases the listener's queue-size lock at the
+// first read.
 type sessionConn struct {
 	*tls.Conn
+	peer peer
 	// created releases the listener's queue-size lock; called once, by
 	// the first Read or when establishing ended without one.
 	created func()

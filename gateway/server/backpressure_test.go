@@ -16,76 +16,108 @@ import (
 	"github.com/fleetgate/fleetgate/pkg/pki/pkitest"
 )
 
-// TestSlowSubscriberLosesNoQoS1 floods a slow service subscriber with a
-// device's QoS 1 publishes through a tiny in-flight store. mochi
-// acknowledges a publish before delivering it and drops it for a
-// subscriber whose store is full; the gateway's backpressure makes the
-// device wait instead, so every message arrives.
-func TestSlowSubscriberLosesNoQoS1(t *testing.T) {
-	e := newEnv(t, func(c *server.Config) {
+// backpressureEnv is a gateway with a tiny in-flight store (16) and no
+// publish pacing, so one slow subscriber congests at once.
+func backpressureEnv(t *testing.T) *env {
+	return newEnv(t, func(c *server.Config) {
 		c.MQTTMaxInflight = 16
 		c.Limits.PublishRate = limit.Off
 	})
-	ctx := context.Background()
-	svcKey := pkitest.Key(t)
-	svcCert, err := e.issuer(time.Now()).IssueIdentity(svcKey.Public(), identity.Service(e.td, "slow"), time.Hour)
+}
+
+// slowSubscriber connects a service subscribed to every device's
+// telemetry at QoS 1 that takes delay over each message (paho acknowledges
+// when the handler returns), and returns the count of distinct payloads it
+// has received.
+func (e *env) slowSubscriber(t *testing.T, delay time.Duration) func() int {
+	t.Helper()
+	key := pkitest.Key(t)
+	cert, err := e.issuer(time.Now()).IssueIdentity(key.Public(), identity.Service(e.td, "slow"), time.Hour)
 	if err != nil {
 		t.Fatal(err)
 	}
 	var mu sync.Mutex
 	got := map[string]bool{}
 	sub := paho.NewClient(paho.NewClientOptions().AddBroker("ssl://" + e.srv.Addr("mqtt")).SetClientID("slow").
-		SetTLSConfig(&tls.Config{RootCAs: e.pool, ServerName: "localhost", Certificates: []tls.Certificate{pkitest.TLSCert(svcCert, svcKey, e.ca.Cert)}}).
+		SetTLSConfig(&tls.Config{RootCAs: e.pool, ServerName: "localhost", Certificates: []tls.Certificate{pkitest.TLSCert(cert, key, e.ca.Cert)}}).
 		SetProtocolVersion(4).SetAutoReconnect(false).SetOrderMatters(true))
 	if tok := sub.Connect(); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
 		t.Fatalf("subscriber: %v", tok.Error())
 	}
-	defer sub.Disconnect(50)
-	// The handler acknowledges only when it returns: a slow consumer.
+	t.Cleanup(func() { sub.Disconnect(50) })
 	if tok := sub.Subscribe("devices/+/telemetry", 1, func(_ paho.Client, m paho.Message) {
-		time.Sleep(2 * time.Millisecond)
+		time.Sleep(delay)
 		mu.Lock()
 		got[string(m.Payload())] = true
 		mu.Unlock()
 	}); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
 		t.Fatalf("subscribe: %v", tok.Error())
 	}
+	return func() int {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(got)
+	}
+}
 
+// pahoDevice enrolls device id over EST and connects it with paho.
+func (e *env) pahoDevice(t *testing.T, id string) paho.Client {
+	t.Helper()
 	key := pkitest.Key(t)
-	cert, err := e.est(nil).SimpleEnroll(ctx, pkitest.CSR(t, key, "fast"), "fast", e.token(t, "fast", ""))
+	cert, err := e.est(nil).SimpleEnroll(context.Background(), pkitest.CSR(t, key, id), id, e.token(t, id, ""))
 	if err != nil {
 		t.Fatal(err)
 	}
-	dev := paho.NewClient(paho.NewClientOptions().AddBroker("ssl://" + e.srv.Addr("mqtt")).SetClientID("fast").
+	dev := paho.NewClient(paho.NewClientOptions().AddBroker("ssl://" + e.srv.Addr("mqtt")).SetClientID(id).
 		SetTLSConfig(&tls.Config{RootCAs: e.pool, ServerName: "localhost", Certificates: []tls.Certificate{pkitest.TLSCert(cert, key, e.ca.Cert)}}).
 		SetProtocolVersion(4).SetAutoReconnect(false).SetWriteTimeout(30 * time.Second))
 	if tok := dev.Connect(); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
-		t.Fatalf("device: %v", tok.Error())
+		t.Fatalf("device %s: %v", id, tok.Error())
 	}
-	defer dev.Disconnect(50)
-	const n = 400
+	t.Cleanup(func() { dev.Disconnect(50) })
+	return dev
+}
+
+// publishAll publishes n QoS 1 messages "ID-i" as fast as paho allows and
+// waits for every acknowledgement.
+func publishAll(dev paho.Client, id string, n int) error {
 	toks := make([]paho.Token, n)
 	for i := range n {
-		toks[i] = dev.Publish("devices/fast/telemetry", 1, false, fmt.Sprintf("m-%d", i))
+		toks[i] = dev.Publish("devices/"+id+"/telemetry", 1, false, fmt.Sprintf("%s-%d", id, i))
 	}
 	for i, tok := range toks {
 		if !tok.WaitTimeout(60*time.Second) || tok.Error() != nil {
-			t.Fatalf("publish %d not acknowledged: %v", i, tok.Error())
+			return fmt.Errorf("%s publish %d not acknowledged: %v", id, i, tok.Error())
 		}
 	}
+	return nil
+}
+
+// waitReceived fails unless received reaches want within 30 s.
+func waitReceived(t *testing.T, received func() int, want int) {
+	t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
-	for {
-		mu.Lock()
-		have := len(got)
-		mu.Unlock()
-		if have == n {
-			break
-		}
+	for received() != want {
 		if time.Now().After(deadline) {
-			t.Fatalf("subscriber received %d of %d acknowledged messages", have, n)
+			t.Fatalf("subscriber received %d of %d acknowledged messages", received(), want)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// TestSlowSubscriberLosesNoQoS1 floods a slow service subscriber with a
+// device's QoS 1 publishes through a tiny in-flight store. mochi
+// acknowledges a publish before delivering it and drops it for a
+// subscriber whose store is full; the gateway's backpressure makes the
+// device wait instead, so every message arrives.
+func TestSlowSubscriberLosesNoQoS1(t *testing.T) {
+	e := backpressureEnv(t)
+	received := e.slowSubscriber(t, 2*time.Millisecond)
+	const n = 400
+	if err := publishAll(e.pahoDevice(t, "fast"), "fast", n); err != nil {
+		t.Fatal(err)
+	}
+	waitReceived(t, received, n)
 }
 
 // TestManyPublishersLoseNoQoS1 has many devices publish QoS 1 at once to a
@@ -93,65 +125,21 @@ func TestSlowSubscriberLosesNoQoS1(t *testing.T) {
 // together must not overshoot the store: the gate admits exactly, so every
 // acknowledged message arrives and mochi counts no drop.
 func TestManyPublishersLoseNoQoS1(t *testing.T) {
-	e := newEnv(t, func(c *server.Config) {
-		c.MQTTMaxInflight = 16
-		c.Limits.PublishRate = limit.Off
-	})
-	ctx := context.Background()
-	svcKey := pkitest.Key(t)
-	svcCert, err := e.issuer(time.Now()).IssueIdentity(svcKey.Public(), identity.Service(e.td, "slow"), time.Hour)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var mu sync.Mutex
-	got := map[string]bool{}
-	sub := paho.NewClient(paho.NewClientOptions().AddBroker("ssl://" + e.srv.Addr("mqtt")).SetClientID("slow").
-		SetTLSConfig(&tls.Config{RootCAs: e.pool, ServerName: "localhost", Certificates: []tls.Certificate{pkitest.TLSCert(svcCert, svcKey, e.ca.Cert)}}).
-		SetProtocolVersion(4).SetAutoReconnect(false).SetOrderMatters(true))
-	if tok := sub.Connect(); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
-		t.Fatalf("subscriber: %v", tok.Error())
-	}
-	defer sub.Disconnect(50)
-	if tok := sub.Subscribe("devices/+/telemetry", 1, func(_ paho.Client, m paho.Message) {
-		time.Sleep(200 * time.Microsecond)
-		mu.Lock()
-		got[string(m.Payload())] = true
-		mu.Unlock()
-	}); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
-		t.Fatalf("subscribe: %v", tok.Error())
-	}
-
+	e := backpressureEnv(t)
+	received := e.slowSubscriber(t, 200*time.Microsecond)
 	const devices, each = 24, 25
 	var wg sync.WaitGroup
 	errs := make(chan error, devices)
 	start := make(chan struct{})
 	for d := range devices {
 		id := fmt.Sprintf("dev-%02d", d)
-		key := pkitest.Key(t)
-		cert, err := e.est(nil).SimpleEnroll(ctx, pkitest.CSR(t, key, id), id, e.token(t, id, ""))
-		if err != nil {
-			t.Fatal(err)
-		}
-		dev := paho.NewClient(paho.NewClientOptions().AddBroker("ssl://" + e.srv.Addr("mqtt")).SetClientID(id).
-			SetTLSConfig(&tls.Config{RootCAs: e.pool, ServerName: "localhost", Certificates: []tls.Certificate{pkitest.TLSCert(cert, key, e.ca.Cert)}}).
-			SetProtocolVersion(4).SetAutoReconnect(false).SetWriteTimeout(30 * time.Second))
-		if tok := dev.Connect(); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
-			t.Fatalf("device %s: %v", id, tok.Error())
-		}
-		defer dev.Disconnect(50)
+		dev := e.pahoDevice(t, id)
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			<-start
-			toks := make([]paho.Token, each)
-			for i := range each {
-				toks[i] = dev.Publish("devices/"+id+"/telemetry", 1, false, fmt.Sprintf("%s-%d", id, i))
-			}
-			for i, tok := range toks {
-				if !tok.WaitTimeout(60*time.Second) || tok.Error() != nil {
-					errs <- fmt.Errorf("%s publish %d not acknowledged: %v", id, i, tok.Error())
-					return
-				}
+			if err := publishAll(dev, id, each); err != nil {
+				errs <- err
 			}
 		}()
 	}
@@ -161,19 +149,7 @@ func TestManyPublishersLoseNoQoS1(t *testing.T) {
 	for err := range errs {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		mu.Lock()
-		have := len(got)
-		mu.Unlock()
-		if have == devices*each {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("subscriber received %d of %d acknowledged messages", have, devices*each)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	waitReceived(t, received, devices*each)
 	m := e.srv.Metrics()
 	if n := value(m.PublishesBackpressured); n == 0 {
 		t.Error("no publish was held: the test did not congest the subscriber")

@@ -7,8 +7,6 @@ import (
 	"fmt"
 	"time"
 
-	bolt "go.etcd.io/bbolt"
-
 	"github.com/fleetgate/fleetgate/pkg/registry"
 )
 
@@ -24,16 +22,10 @@ func (s *Store) CheckToken(ctx context.Context, deviceID string, hash []byte, no
 	if err := checkTime("time", now); err != nil {
 		return fmt.Errorf("%s: %w", op, err)
 	}
-	if err := s.ready(ctx); err != nil {
-		return fmt.Errorf("%s: %w", op, err)
-	}
-	return s.wrap(op, s.db.View(func(tx *bolt.Tx) error {
-		// Every enrollment runs this first: open only the two buckets
-		// usableToken reads.
-		t := &txn{tokens: tx.Bucket(bucketTokens), devices: tx.Bucket(bucketDevices)}
+	return s.view(ctx, op, func(t *txn) error {
 		_, _, _, err := t.usableToken(deviceID, hash, now)
 		return err
-	}))
+	})
 }
 
 // Device returns one device.
