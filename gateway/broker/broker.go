@@ -163,9 +163,16 @@ func New(cfg Config) (*Broker, error) {
 	if cfg.MaxInflight > 0 {
 		caps.MaximumInflight = cfg.MaxInflight
 	}
+	const serviceWriteBatch = 16 << 10
 	srv := mqtt.New(&mqtt.Options{
 		Capabilities: caps,
 		InlineClient: true,
+		// mochi gathers a client's writes while more are queued for it, up
+		// to this many bytes per write: a service receiving the fleet's
+		// telemetry gets it in one TLS record and one system call per
+		// 16 KiB instead of per 2 KiB. The buffer exists only while
+		// writes are queued.
+		ClientNetWriteBufferSize: serviceWriteBatch,
 		// mochi logs every client error at warn; ours are counted in
 		// metrics, so keep its own log to errors.
 		Logger: slog.New(quietHandler{log.Handler()}),

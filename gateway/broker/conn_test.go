@@ -2,6 +2,7 @@ package broker
 
 import (
 	"bufio"
+	"bytes"
 	"crypto/tls"
 	"encoding/binary"
 	"errors"
@@ -504,4 +505,71 @@ func TestGate(t *testing.T) {
 			t.Fatalf("pending %d after disconnect, want 0", h.gate.pending.Load())
 		}
 	})
+}
+
+// A session whose client falls silent is cut off once its keepalive runs
+// out and never before: the deadline sessionConn coalesces may fall a
+// little later than mochi asks, not earlier, and it still moves while the
+// client talks.
+func TestKeepaliveDeadline(t *testing.T) {
+	e := newBrokerEnv(t, nil)
+	id := identity.Device(pkitest.TrustDomain, "dev-ka")
+	cert, key := e.fix.Identity(t, id, time.Hour)
+	c, err := tls.Dial("tcp", e.addr, &tls.Config{RootCAs: e.fix.Pool(), ServerName: "localhost",
+		Certificates: []tls.Certificate{pkitest.TLSCert(cert, key, e.fix.Issuing.Cert)}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	// Keepalive 1 s: mochi's deadline is 1 s (1.5 × 1, rounded down)
+	// after each packet it reads.
+	pk := packets.Packet{
+		FixedHeader:     packets.FixedHeader{Type: packets.Connect},
+		ProtocolVersion: 4,
+		Connect:         packets.ConnectParams{ProtocolName: []byte("MQTT"), ClientIdentifier: "dev-ka", Keepalive: 1, Clean: true},
+	}
+	var buf bytes.Buffer
+	if err := pk.ConnectEncode(&buf); err != nil {
+		t.Fatal(err)
+	}
+	exchange := func(out []byte, want byte) {
+		t.Helper()
+		_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := c.Write(out); err != nil {
+			t.Fatal(err)
+		}
+		got := make([]byte, 2)
+		if _, err := io.ReadFull(c, got); err != nil {
+			t.Fatalf("waiting for packet type %d: %v", want, err)
+		}
+		if got[0]>>4 != want {
+			t.Fatalf("packet type %d, want %d", got[0]>>4, want)
+		}
+		if _, err := io.ReadFull(c, make([]byte, got[1])); err != nil {
+			t.Fatal(err)
+		}
+	}
+	exchange(buf.Bytes(), packets.Connack)
+	// Pings 300 ms apart for 2.4 s, more than twice the deadline: the
+	// session stays.
+	var last time.Time
+	for range 8 {
+		time.Sleep(300 * time.Millisecond)
+		last = time.Now()
+		exchange([]byte{packets.Pingreq << 4, 0}, packets.Pingresp)
+	}
+	// Silent from here: the gateway closes the connection, no sooner than
+	// 1 s after it read the last ping.
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	_, err = c.Read(make([]byte, 1))
+	gone := time.Since(last)
+	var ne net.Error
+	switch {
+	case err == nil:
+		t.Fatal("the gateway sent a packet to a silent client")
+	case errors.As(err, &ne) && ne.Timeout():
+		t.Fatalf("session still open %v after the client fell silent with keepalive 1 s", gone)
+	case gone < time.Second:
+		t.Fatalf("session cut off %v after the last ping, before its keepalive ran out (1 s)", gone)
+	}
 }
