@@ -131,3 +131,37 @@ func TestFloors(t *testing.T) {
 		t.Fatalf("rates %v %v", fl.EnrollRate(), fl.CommitRate())
 	}
 }
+
+// A repeated run reports its median round, lists every round, and the
+// QoS 1 verdict needs every round to deliver everything.
+func TestRoundsMedian(t *testing.T) {
+	m := median([]*Throughput{
+		{PerSecond: 70000, DeliveredPct: 100},
+		{PerSecond: 50000, DeliveredPct: 99.5, Dropped: 10},
+		{PerSecond: 66000, DeliveredPct: 100},
+	})
+	if m.PerSecond != 66000 || len(m.Rounds) != 3 || m.Rounds[1].PerSecond != 50000 {
+		t.Fatalf("median %v with rounds %+v, want 66000 and the three rounds in order", m.PerSecond, m.Rounds)
+	}
+	if w := m.worstDelivered(); w != 99.5 {
+		t.Fatalf("worst delivered %v, want 99.5", w)
+	}
+	r := sampleResults()
+	r.Params.Rounds = 3
+	ours := r.broker("fleetgate")
+	ours.QoS1 = m
+	r.broker("mosquitto").QoS1 = &Throughput{PerSecond: 40000, DeliveredPct: 100}
+	r.compare()
+	for _, x := range r.Ratios {
+		if x.Name == "QoS 1 msgs/s, fleetgate ÷ mosquitto (fleetgate 100% delivered)" && (x.Met == nil || *x.Met) {
+			t.Fatalf("QoS 1 verdict met with a round that lost messages: %+v", x)
+		}
+	}
+	var b bytes.Buffer
+	r.WriteTable(&b)
+	for _, want := range []string{"median of 3 rounds", "QoS 1 rounds, msgs/s: fleetgate 70,000 / 50,000 / 66,000 (lowest delivered 99.50 %)"} {
+		if !strings.Contains(b.String(), want) {
+			t.Errorf("table lacks %q:\n%s", want, b.String())
+		}
+	}
+}

@@ -122,14 +122,23 @@ func FileLimit(pid int) (int, error) {
 	return 0, fmt.Errorf("process %d: no open-file limit in /proc limits", pid)
 }
 
-// RaiseFileLimit raises this process's soft open-file limit to the hard
-// limit and returns the new soft limit. Setting it explicitly (rather than
-// relying on the Go runtime's own raise) also makes child processes, such
-// as a spawned gateway or Mosquitto, inherit the raised limit.
-func RaiseFileLimit() (uint64, error) {
+// RaiseFileLimit raises this process's open-file limit to want, or as far
+// as it may, and returns the new soft limit. The hard limit is raised too
+// when want is above it and the process may (CAP_SYS_RESOURCE, and no
+// container above it holding it lower); otherwise the soft limit goes up
+// to the hard one. Setting it explicitly (rather than relying on the Go
+// runtime's own raise) also makes child processes, such as a spawned
+// gateway or Mosquitto, inherit the raised limit.
+func RaiseFileLimit(want uint64) (uint64, error) {
 	var lim syscall.Rlimit
 	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
 		return 0, fmt.Errorf("read open-file limit: %w", err)
+	}
+	if want > lim.Max {
+		up := syscall.Rlimit{Cur: want, Max: want}
+		if syscall.Setrlimit(syscall.RLIMIT_NOFILE, &up) == nil {
+			return want, nil
+		}
 	}
 	if lim.Cur < lim.Max {
 		lim.Cur = lim.Max

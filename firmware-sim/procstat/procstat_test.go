@@ -2,6 +2,7 @@ package procstat
 
 import (
 	"os"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -35,7 +36,7 @@ func TestReadSelf(t *testing.T) {
 }
 
 func TestFileLimits(t *testing.T) {
-	lim, err := RaiseFileLimit()
+	lim, err := RaiseFileLimit(0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -48,5 +49,22 @@ func TestFileLimits(t *testing.T) {
 	}
 	if n, err := OpenFiles(os.Getpid()); err != nil || n < 3 {
 		t.Fatalf("open files %d, %v", n, err)
+	}
+	// Asking for more than the hard limit raises it where the process
+	// may and otherwise keeps it: no error either way.
+	var hard syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &hard); err != nil {
+		t.Fatal(err)
+	}
+	want := hard.Max + 1000
+	got, err := RaiseFileLimit(want)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got != want && got != hard.Max {
+		t.Fatalf("limit %d after asking for %d (hard limit was %d)", got, want, hard.Max)
+	}
+	if soft, err := FileLimit(os.Getpid()); err != nil || uint64(soft) != got {
+		t.Fatalf("soft limit %d (%v), want %d", soft, err, got)
 	}
 }

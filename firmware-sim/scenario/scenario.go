@@ -179,13 +179,14 @@ const fdReserve = 200
 // CheckFileLimit raises the open-file limit and refuses a fleet that needs
 // more simultaneous sessions than the limit allows.
 func CheckFileLimit(devices, concurrency int) (int, error) {
-	lim, err := procstat.RaiseFileLimit()
+	need := devices + concurrency + fdReserve
+	lim, err := procstat.RaiseFileLimit(uint64(need))
 	if err != nil {
 		return 0, err
 	}
-	if need := devices + concurrency + fdReserve; uint64(need) > lim {
+	if uint64(need) > lim {
 		return int(lim), fmt.Errorf("%d devices need about %d open files (one connection each, plus %d for enrollment and the subscriber), "+
-			"but this process may open at most %d (the hard limit; raising it needs CAP_SYS_RESOURCE): use at most %d devices per process",
+			"but this process may open at most %d (its hard limit, which it could not raise): use at most %d devices per process",
 			devices, need, concurrency+fdReserve, lim, int(lim)-concurrency-fdReserve)
 	}
 	return int(lim), nil
@@ -200,7 +201,7 @@ func Run(ctx context.Context, name string, cfg Config, gw Gateway) (*fleet.Repor
 		if _, err := CheckFileLimit(cfg.Devices, cfg.Concurrency); err != nil {
 			return nil, err
 		}
-	} else if _, err := procstat.RaiseFileLimit(); err != nil {
+	} else if _, err := procstat.RaiseFileLimit(0); err != nil {
 		return nil, err
 	}
 	s, err := newSession(name, cfg, gw)
