@@ -82,6 +82,9 @@ type Config struct {
 	// publishes wait for a congested service instead (see backpressure).
 	DeviceWriteQueue  int
 	ServiceWriteQueue int
+	// Housekeeping is the period of mochi's expiry sweeps
+	// (DefaultHousekeeping when 0).
+	Housekeeping time.Duration
 	// MaxPayload bounds the payload of a device's PUBLISH
 	// (DefaultMaxPayload when 0, none when negative).
 	MaxPayload int
@@ -194,6 +197,13 @@ func New(cfg Config) (*Broker, error) {
 	}
 	h.gate.onStuck = func(cl *mqtt.Client) {
 		log.Warn("service stopped acknowledging; device publishes no longer wait for it", "client", cl.ID, "unacknowledged", cl.State.Inflight.Len())
+	}
+	if cfg.Housekeeping <= 0 {
+		cfg.Housekeeping = DefaultHousekeeping
+	}
+	if err := setHousekeeping(srv, cfg.Housekeeping); err != nil {
+		// Only slower to expire nothing: mochi keeps sweeping every second.
+		log.Warn("cannot slow mochi's expiry sweeps; an idle gateway spends more CPU", "error", err)
 	}
 	if err := srv.AddHook(h, nil); err != nil {
 		return nil, fmt.Errorf("broker: add hook: %w", err)
