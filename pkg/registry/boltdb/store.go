@@ -4,6 +4,8 @@
 // Every record is JSON in one of six buckets: devices (device ID), certs
 // (serial), tokens (SHA-256 hash of the token), revocations (serial), audit
 // (8-byte big-endian sequence number) and meta (schema version, CRL number).
+// A seventh, device_tokens, indexes the tokens by device (key: device ID,
+// a zero byte, the token's hash; empty value).
 // Every change, with its audit events, is one fsync'd bbolt transaction.
 //
 // bbolt holds an exclusive file lock, so one registry file serves one
@@ -12,7 +14,9 @@ package boltdb
 
 import (
 	"context"
+	"crypto/sha256"
 	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -32,8 +36,9 @@ import (
 const DefaultTimeout = 5 * time.Second
 
 // schemaVersion is the layout of the buckets and records this package
-// writes. Open refuses a file with a newer version rather than misread it.
-const schemaVersion = 1
+// writes. Open refuses a file with a newer version rather than misread it,
+// and brings an older one up to date. Version 2 added device_tokens.
+const schemaVersion = 2
 
 var (
 	bucketDevices     = []byte("devices")
@@ -42,8 +47,10 @@ var (
 	bucketRevocations = []byte("revocations")
 	bucketAudit       = []byte("audit")
 	bucketMeta        = []byte("meta")
+	// bucketDeviceTokens indexes tokens by device (schema version 2).
+	bucketDeviceTokens = []byte("device_tokens")
 
-	allBuckets = [][]byte{bucketDevices, bucketCerts, bucketTokens, bucketRevocations, bucketAudit, bucketMeta}
+	allBuckets = [][]byte{bucketDevices, bucketCerts, bucketTokens, bucketRevocations, bucketAudit, bucketMeta, bucketDeviceTokens}
 
 	keySchema    = []byte("schema")
 	keyCRLNumber = []byte("crl_number")
@@ -134,26 +141,78 @@ func (s *Store) init() error {
 			}
 			return tx.Bucket(bucketMeta).Put(keySchema, u64(schemaVersion))
 		}
-		return checkLayout(tx)
+		if err := checkLayout(tx); err != nil {
+			return err
+		}
+		return upgrade(tx)
 	})
+}
+
+// upgrade brings a file of an older schema version to this one, in the
+// transaction that opens it.
+func upgrade(tx *bolt.Tx) error {
+	meta := tx.Bucket(bucketMeta)
+	if v, _ := getU64(meta, keySchema); v >= schemaVersion {
+		return nil
+	}
+	// Version 1 → 2: index the tokens by device.
+	idx, err := tx.CreateBucketIfNotExists(bucketDeviceTokens)
+	if err != nil {
+		return fmt.Errorf("create bucket %s: %w", bucketDeviceTokens, err)
+	}
+	err = tx.Bucket(bucketTokens).ForEach(func(k, v []byte) error {
+		var tok registry.Token
+		if err := json.Unmarshal(v, &tok); err != nil {
+			return fmt.Errorf("index tokens: decode token %x: %w", k, err)
+		}
+		return idx.Put(deviceTokenKey(tok.DeviceID, k), nil)
+	})
+	if err != nil {
+		return err
+	}
+	return meta.Put(keySchema, u64(schemaVersion))
+}
+
+// deviceTokenKey is a token's key in device_tokens. Device IDs contain no
+// zero byte (checkDeviceID), so a device's keys share the prefix
+// deviceTokenPrefix(id) and no other device's do.
+func deviceTokenKey(deviceID string, hash []byte) []byte {
+	return append(deviceTokenPrefix(deviceID), hash...)
+}
+
+func deviceTokenPrefix(deviceID string) []byte {
+	k := make([]byte, 0, len(deviceID)+1+sha256.Size)
+	return append(append(k, deviceID...), 0)
 }
 
 // checkLayout refuses files that are not a registry or are newer than this
 // build, so later code may rely on every bucket existing.
 func checkLayout(tx *bolt.Tx) error {
-	for _, name := range allBuckets {
-		if tx.Bucket(name) == nil {
-			return fmt.Errorf("not a fleetgate registry: bucket %s missing", name)
-		}
+	meta := tx.Bucket(bucketMeta)
+	if meta == nil {
+		return fmt.Errorf("not a fleetgate registry: bucket %s missing", bucketMeta)
 	}
-	v, ok := getU64(tx.Bucket(bucketMeta), keySchema)
+	v, ok := getU64(meta, keySchema)
 	if !ok {
 		return errors.New("not a fleetgate registry: no schema version")
 	}
 	if v > schemaVersion {
 		return fmt.Errorf("registry schema version %d is newer than this build's %d", v, schemaVersion)
 	}
+	for _, name := range layoutBuckets(v) {
+		if tx.Bucket(name) == nil {
+			return fmt.Errorf("not a fleetgate registry: bucket %s missing", name)
+		}
+	}
 	return nil
+}
+
+// layoutBuckets are the buckets a file of schema version v has.
+func layoutBuckets(v uint64) [][]byte {
+	if v < 2 {
+		return allBuckets[:len(allBuckets)-1] // no device_tokens yet
+	}
+	return allBuckets
 }
 
 // Path is the file the store lives in.
@@ -288,7 +347,8 @@ func verifyFile(path string) (err error) {
 		if err := checkLayout(tx); err != nil {
 			return err
 		}
-		for _, name := range allBuckets {
+		v, _ := getU64(tx.Bucket(bucketMeta), keySchema)
+		for _, name := range layoutBuckets(v) {
 			if err := tx.Bucket(name).ForEach(func(k, v []byte) error { return nil }); err != nil {
 				return err
 			}

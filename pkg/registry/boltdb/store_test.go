@@ -488,3 +488,120 @@ func BenchmarkCheckToken(b *testing.B) {
 		})
 	})
 }
+
+// A file of schema version 1 (no device_tokens index) opens read-only as
+// it is, and opened for writing gets the index built from its tokens, so
+// revoking a device finds and deletes its unused tokens and no other's.
+func TestUpgradeFromVersion1(t *testing.T) {
+	x := newFixture(t)
+	path := filepath.Join(t.TempDir(), "registry.db")
+	s, err := Open(path, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	x.enroll(t, s, "dev-a")
+	mint := func(id string) []byte {
+		_, hash, err := registry.NewToken()
+		if err != nil {
+			t.Fatal(err)
+		}
+		tok := registry.Token{Hash: hash, DeviceID: id, CreatedAt: x.now, ExpiresAt: x.now.Add(time.Hour)}
+		if err := s.CreateTokens(x.ctx, []registry.Token{tok}, registrytest.Operator); err != nil {
+			t.Fatal(err)
+		}
+		return hash
+	}
+	unusedA, unusedB := mint("dev-a"), mint("dev-b")
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// Make it a version 1 file, as an older gateway left it.
+	db, err := bolt.Open(path, 0o600, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := db.Update(func(tx *bolt.Tx) error {
+		if err := tx.DeleteBucket(bucketDeviceTokens); err != nil {
+			return err
+		}
+		return tx.Bucket(bucketMeta).Put(keySchema, u64(1))
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := db.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := verifyFile(path); err != nil {
+		t.Fatalf("version 1 file: %v", err)
+	}
+
+	ro, err := Open(path, Options{ReadOnly: true})
+	if err != nil {
+		t.Fatalf("read-only open of a version 1 file: %v", err)
+	}
+	if _, err := ro.Device(x.ctx, "dev-a"); err != nil {
+		t.Fatal(err)
+	}
+	if err := ro.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	s = openTest(t, path)
+	var version uint64
+	var indexed int
+	_ = s.db.View(func(tx *bolt.Tx) error {
+		version, _ = getU64(tx.Bucket(bucketMeta), keySchema)
+		if b := tx.Bucket(bucketDeviceTokens); b != nil {
+			indexed = b.Stats().KeyN
+		}
+		return nil
+	})
+	if version != schemaVersion || indexed != 3 {
+		t.Fatalf("after upgrade: schema %d, %d tokens indexed; want %d and 3 (one used, two unused)", version, indexed, schemaVersion)
+	}
+	if _, err := s.RevokeDevice(x.ctx, "dev-a", 1, x.now, registrytest.Operator); err != nil {
+		t.Fatal(err)
+	}
+	_ = s.db.View(func(tx *bolt.Tx) error {
+		toks, idx := tx.Bucket(bucketTokens), tx.Bucket(bucketDeviceTokens)
+		if toks.Get(unusedA) != nil || idx.Get(deviceTokenKey("dev-a", unusedA)) != nil {
+			t.Error("dev-a's unused token survived its revocation")
+		}
+		if toks.Get(unusedB) == nil || idx.Get(deviceTokenKey("dev-b", unusedB)) == nil {
+			t.Error("dev-a's revocation deleted dev-b's token")
+		}
+		if n := idx.Stats().KeyN; n != 2 {
+			t.Errorf("%d tokens indexed after the revocation, want 2 (dev-a's used one, dev-b's)", n)
+		}
+		return nil
+	})
+	if err := s.CheckToken(x.ctx, "dev-b", unusedB, x.now); err != nil {
+		t.Errorf("dev-b's token after dev-a's revocation: %v", err)
+	}
+}
+
+// BenchmarkRevokeDevice revokes enrolled devices in a registry that also
+// holds 50,000 tokens of other devices (a day of factory enrollments):
+// the revocation reads only the device's own tokens.
+func BenchmarkRevokeDevice(b *testing.B) {
+	x := newFixture(b)
+	s := newTestStore(b)
+	const others = 50000
+	toks := make([]registry.Token, others)
+	for i := range toks {
+		_, hash, _ := registry.NewToken()
+		toks[i] = registry.Token{Hash: hash, DeviceID: fmt.Sprintf("other-%d", i), CreatedAt: x.now, ExpiresAt: x.now.Add(time.Hour)}
+	}
+	if err := s.CreateTokens(x.ctx, toks, registrytest.Operator); err != nil {
+		b.Fatal(err)
+	}
+	for i := range b.N {
+		x.enroll(b, s, fmt.Sprintf("dev-%d", i))
+	}
+	b.ResetTimer()
+	for i := range b.N {
+		if _, err := s.RevokeDevice(x.ctx, fmt.Sprintf("dev-%d", i), 1, x.now, registrytest.Operator); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

@@ -17,16 +17,20 @@ import (
 // bucket exists, and the file lock keeps it that way.
 type txn struct {
 	devices, certs, tokens, revocations, audit, meta *bolt.Bucket
+	// deviceTokens is nil only in a read-only store of schema version 1,
+	// which never writes.
+	deviceTokens *bolt.Bucket
 }
 
 func newTxn(tx *bolt.Tx) *txn {
 	return &txn{
-		devices:     tx.Bucket(bucketDevices),
-		certs:       tx.Bucket(bucketCerts),
-		tokens:      tx.Bucket(bucketTokens),
-		revocations: tx.Bucket(bucketRevocations),
-		audit:       tx.Bucket(bucketAudit),
-		meta:        tx.Bucket(bucketMeta),
+		devices:      tx.Bucket(bucketDevices),
+		certs:        tx.Bucket(bucketCerts),
+		tokens:       tx.Bucket(bucketTokens),
+		revocations:  tx.Bucket(bucketRevocations),
+		audit:        tx.Bucket(bucketAudit),
+		meta:         tx.Bucket(bucketMeta),
+		deviceTokens: tx.Bucket(bucketDeviceTokens),
 	}
 }
 

@@ -57,6 +57,9 @@ func (s *Store) CreateTokens(ctx context.Context, tokens []registry.Token, actor
 			if err := put(t.tokens, bytes.Clone(tok.Hash), tok); err != nil {
 				return err
 			}
+			if err := t.deviceTokens.Put(deviceTokenKey(tok.DeviceID, tok.Hash), nil); err != nil {
+				return err
+			}
 			detail := "expires " + tok.ExpiresAt.UTC().Format(time.RFC3339)
 			if tok.Batch != "" {
 				detail = "batch " + tok.Batch + ", " + detail
@@ -342,31 +345,46 @@ func checkRevoke(reason int, now time.Time, actor string) error {
 }
 
 // deleteTokens deletes the tokens for which match is true, only those of
-// deviceID unless it is empty, and returns how many it deleted.
+// deviceID unless it is empty. A device's tokens are found through the
+// device_tokens index, so revoking one device reads its own tokens, not
+// every token in the registry.
 func (t *txn) deleteTokens(match func(registry.Token) bool, deviceID string) (int, error) {
-	// A cheap byte test skips decoding other devices' tokens; device IDs
-	// need no JSON escaping, so the test cannot miss one.
-	var needle []byte
-	if deviceID != "" {
-		needle = []byte(`"device_id":"` + deviceID + `"`)
-	}
+	// Deleting under a running cursor skips keys: collect first.
 	var keys [][]byte
-	c := t.tokens.Cursor()
-	for k, v := c.First(); k != nil; k, v = c.Next() {
-		if needle != nil && !bytes.Contains(v, needle) {
-			continue
-		}
+	collect := func(hash []byte) error {
 		var tok registry.Token
-		if _, err := get(t.tokens, "token", k, &tok); err != nil {
+		found, err := get(t.tokens, "token", hash, &tok)
+		if err != nil {
+			return err
+		}
+		if found && (deviceID == "" || tok.DeviceID == deviceID) && match(tok) {
+			keys = append(keys, deviceTokenKey(tok.DeviceID, hash))
+		}
+		return nil
+	}
+	if deviceID != "" {
+		prefix := deviceTokenPrefix(deviceID)
+		c := t.deviceTokens.Cursor()
+		for k, _ := c.Seek(prefix); k != nil && bytes.HasPrefix(k, prefix); k, _ = c.Next() {
+			if err := collect(k[len(prefix):]); err != nil {
+				return 0, err
+			}
+		}
+	} else {
+		c := t.tokens.Cursor()
+		for k, _ := c.First(); k != nil; k, _ = c.Next() {
+			if err := collect(k); err != nil {
+				return 0, err
+			}
+		}
+	}
+	// keys are index keys: the device ID, a zero byte, the hash.
+	for _, k := range keys {
+		hash := k[bytes.IndexByte(k, 0)+1:]
+		if err := t.tokens.Delete(hash); err != nil {
 			return 0, err
 		}
-		if (deviceID == "" || tok.DeviceID == deviceID) && match(tok) {
-			// Deleting under a running cursor skips keys: collect first.
-			keys = append(keys, bytes.Clone(k))
-		}
-	}
-	for _, k := range keys {
-		if err := t.tokens.Delete(k); err != nil {
+		if err := t.deviceTokens.Delete(k); err != nil {
 			return 0, err
 		}
 	}
