@@ -202,7 +202,8 @@ func New(cfg Config) (*Broker, error) {
 		cfg.Housekeeping = DefaultHousekeeping
 	}
 	if err := setHousekeeping(srv, cfg.Housekeeping); err != nil {
-		// Only slower to expire nothing: mochi keeps sweeping every second.
+		// Not fatal: mochi keeps its one-second sweeps, which cost CPU,
+		// not correctness.
 		log.Warn("cannot slow mochi's expiry sweeps; an idle gateway spends more CPU", "error", err)
 	}
 	if err := srv.AddHook(h, nil); err != nil {

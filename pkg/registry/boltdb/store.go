@@ -186,7 +186,9 @@ func deviceTokenPrefix(deviceID string) []byte {
 }
 
 // checkLayout refuses files that are not a registry or are newer than this
-// build, so later code may rely on every bucket existing.
+// build, so later code may rely on every bucket of the file's version
+// existing. Open brings a writable file to this version; a read-only store
+// of version 1 has no device_tokens, which only writes use.
 func checkLayout(tx *bolt.Tx) error {
 	meta := tx.Bucket(bucketMeta)
 	if meta == nil {
