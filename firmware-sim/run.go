@@ -91,12 +91,12 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return 2
 	}
 	if cfg.BinDir == "" {
-		exe, err := os.Executable()
+		dir, err := ownDir()
 		if err != nil {
 			fmt.Fprintf(stderr, "firmware-sim demo: %v\n", err)
 			return 1
 		}
-		cfg.BinDir = filepath.Dir(exe)
+		cfg.BinDir = dir
 	}
 	if err := demo.Run(ctx, cfg, stdout); err != nil {
 		fmt.Fprintf(stderr, "firmware-sim demo: %v\n", err)
@@ -172,15 +172,8 @@ func runScenario(ctx context.Context, name string, args []string, stdout, stderr
 		fs.Float64Var(&cfg.Churn, "churn", 0, "random devices disconnected per second (they reconnect)")
 		fs.DurationVar(&cfg.Jitter, "jitter", 2*time.Second, "largest random delay before a reconnect")
 	}
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return 0
-		}
-		return 2
-	}
-	if fs.NArg() > 0 {
-		fmt.Fprintf(stderr, "firmware-sim %s: unexpected argument %q\n", name, fs.Arg(0))
-		return 2
+	if code, ok := parseArgs(fs, args, stderr); !ok {
+		return code
 	}
 	cfg.QoS = qos
 	fail := func(err error) int {
@@ -280,6 +273,32 @@ func (l *listFlag) Set(s string) error {
 }
 
 // oneLine keeps an error on one line.
+// parseArgs parses a subcommand's flags and refuses arguments after them;
+// when it returns false, the subcommand exits with code (0 for --help).
+func parseArgs(fs *flag.FlagSet, args []string, stderr io.Writer) (code int, ok bool) {
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0, false
+		}
+		return 2, false
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(stderr, "%s: unexpected argument %q\n", fs.Name(), fs.Arg(0))
+		return 2, false
+	}
+	return 0, true
+}
+
+// ownDir is the directory of the firmware-sim binary, where make puts the
+// other binaries too.
+func ownDir() (string, error) {
+	exe, err := os.Executable()
+	if err != nil {
+		return "", err
+	}
+	return filepath.Dir(exe), nil
+}
+
 func oneLine(err error) string {
 	return strings.Join(strings.Fields(strings.ReplaceAll(err.Error(), "\n", " ")), " ")
 }
@@ -309,23 +328,16 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	fs.Var((*listFlag)(&cfg.GatewayArgs), "gateway-arg", "one more gateway flag, e.g. --gateway-arg=--mqtt-publish-rate=off (repeatable)")
 	fs.BoolVar(&cfg.Quiet, "quiet", false, "no live progress")
 	fs.DurationVar(&cfg.Timeout, "timeout", 0, "bound of the whole run (default 45m; smoke 5m)")
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return 0
-		}
-		return 2
-	}
-	if fs.NArg() > 0 {
-		fmt.Fprintf(stderr, "firmware-sim bench: unexpected argument %q\n", fs.Arg(0))
-		return 2
+	if code, ok := parseArgs(fs, args, stderr); !ok {
+		return code
 	}
 	if cfg.GatewayBin == "" {
-		exe, err := os.Executable()
+		dir, err := ownDir()
 		if err != nil {
 			fmt.Fprintf(stderr, "firmware-sim bench: %v\n", err)
 			return 1
 		}
-		cfg.GatewayBin = filepath.Join(filepath.Dir(exe), "gateway")
+		cfg.GatewayBin = filepath.Join(dir, "gateway")
 	}
 	cfg.Stdout, cfg.Stderr = stdout, stderr
 	res, err := bench.Run(ctx, cfg)

@@ -28,7 +28,11 @@ func TestCommandLineRefusals(t *testing.T) {
 		{[]string{"telemetry", "--qos", "2"}, 2, "--qos"},
 		{[]string{"telemetry", "--bogus"}, 2, "bogus"},
 		{[]string{"restart", "--data-dir", "/tmp"}, 1, "--spawn-gateway"},
-		{[]string{"telemetry", "--devices", "100000", "--data-dir", "/tmp"}, 1, "open files"},
+		// More than any Linux allows one process (fs.nr_open is at most
+		// 2^20), so it fails even where the hard limit may be raised.
+		{[]string{"telemetry", "--devices", "2000000", "--data-dir", "/tmp"}, 1, "open files"},
+		{[]string{"telemetry", "--devices", "2", "extra"}, 2, `unexpected argument "extra"`},
+		{[]string{"bench", "--smoke", "extra"}, 2, `unexpected argument "extra"`},
 		{[]string{"telemetry", "--devices", "2", "--data-dir", "/tmp", "--mqtt", "192.0.2.1:8883"}, 1, "loopback"},
 		{[]string{"telemetry", "--spawn-gateway", "/bin/true", "--mqtt", "127.0.0.1:1"}, 2, "conflicts"},
 	}

@@ -482,7 +482,7 @@ func (b *bench) waitGC(ctx context.Context, limit time.Duration) (float64, bool)
 	}
 	deadline := time.Now().Add(limit)
 	for time.Now().Before(deadline) {
-		if !sleepCtx(ctx, 500*time.Millisecond) {
+		if !fleet.Sleep(ctx, 500*time.Millisecond) {
 			return 0, false
 		}
 		if n, err := b.gw.Metric(ctx, "go_gc_duration_seconds_count"); err == nil && n > n0 {
@@ -491,17 +491,6 @@ func (b *bench) waitGC(ctx context.Context, limit time.Duration) (float64, bool)
 		}
 	}
 	return 0, false
-}
-
-func sleepCtx(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return false
-	case <-t.C:
-		return true
-	}
 }
 
 // revoke revokes devices at the front of the fleet while every session is

@@ -119,7 +119,7 @@ func (f *Fleet) publish(ctx context.Context, d *Device, c *mqttc.Conn, o LoadOpt
 // the device has a session again.
 func (f *Fleet) reconnect(ctx context.Context, d *Device, lost *mqttc.Conn, o LoadOptions) bool {
 	lostAt := lost.ClosedAt()
-	if o.Jitter > 0 && !sleepCtx(ctx, rand.N(o.Jitter)) {
+	if o.Jitter > 0 && !Sleep(ctx, rand.N(o.Jitter)) {
 		return false
 	}
 	b := newBackoff(100*time.Millisecond, o.MaxBackoff)
@@ -169,10 +169,11 @@ func newBackoff(base, cap time.Duration) *backoff { return &backoff{base: base, 
 func (b *backoff) sleep(ctx context.Context) bool {
 	d := rand.N(b.cur) + time.Millisecond
 	b.cur = min(b.cur*2, b.cap)
-	return sleepCtx(ctx, d)
+	return Sleep(ctx, d)
 }
 
-func sleepCtx(ctx context.Context, d time.Duration) bool {
+// Sleep waits d; false when ctx ended first.
+func Sleep(ctx context.Context, d time.Duration) bool {
 	if d <= 0 {
 		return ctx.Err() == nil
 	}

@@ -175,7 +175,7 @@ func (s *session) revokeDrill(ctx context.Context) error {
 		s.f.Run(lctx, opts)
 	}()
 	s.phase("telemetry (warm-up)")
-	sleep(lctx, min(s.cfg.Duration/4, 5*time.Second))
+	fleet.Sleep(lctx, min(s.cfg.Duration/4, 5*time.Second))
 
 	// Victims spread evenly over the fleet (and its source addresses).
 	var victims []*fleet.Device
@@ -291,7 +291,7 @@ func (s *session) restart(ctx context.Context) error {
 		s.f.Run(lctx, opts)
 	}()
 	s.phase("telemetry (before the restart)")
-	sleep(lctx, s.cfg.RestartAfter)
+	fleet.Sleep(lctx, s.cfg.RestartAfter)
 	if lctx.Err() != nil {
 		wg.Wait()
 		return fmt.Errorf("duration over before the restart")
@@ -424,12 +424,3 @@ func (s *session) soak(ctx context.Context) error {
 }
 
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
-
-func sleep(ctx context.Context, d time.Duration) {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-	case <-t.C:
-	}
-}

@@ -68,16 +68,35 @@ func newFixture(t testing.TB) *fixture {
 	return &fixture{ctx: context.Background(), f: pkitest.New(t), now: time.Now().Truncate(time.Millisecond)}
 }
 
+// mint stores one unused token, valid for an hour, for each device.
+func (x *fixture) mint(t testing.TB, s *Store, ids ...string) []registry.Token {
+	t.Helper()
+	toks := make([]registry.Token, len(ids))
+	for i, id := range ids {
+		_, hash, err := registry.NewToken()
+		if err != nil {
+			t.Fatal(err)
+		}
+		toks[i] = registry.Token{Hash: hash, DeviceID: id, CreatedAt: x.now, ExpiresAt: x.now.Add(time.Hour)}
+	}
+	if err := s.CreateTokens(x.ctx, toks, registrytest.Operator); err != nil {
+		t.Fatal(err)
+	}
+	return toks
+}
+
+// ids are the device IDs prefix0 … prefix(n-1).
+func ids(prefix string, n int) []string {
+	out := make([]string, n)
+	for i := range out {
+		out[i] = fmt.Sprintf("%s%d", prefix, i)
+	}
+	return out
+}
+
 func (x *fixture) enroll(t testing.TB, s *Store, id string) registry.Device {
 	t.Helper()
-	_, hash, err := registry.NewToken()
-	if err != nil {
-		t.Fatal(err)
-	}
-	tok := registry.Token{Hash: hash, DeviceID: id, CreatedAt: x.now, ExpiresAt: x.now.Add(time.Hour)}
-	if err := s.CreateTokens(x.ctx, []registry.Token{tok}, registrytest.Operator); err != nil {
-		t.Fatal(err)
-	}
+	hash := x.mint(t, s, id)[0].Hash
 	c, _ := x.f.Device(t, id)
 	d, err := s.Enroll(x.ctx, registry.Enrollment{DeviceID: id, TokenHash: hash, Cert: registrytest.CertRecord(c), Time: x.now})
 	if err != nil {
@@ -403,18 +422,12 @@ func BenchmarkEnroll(b *testing.B) {
 	prepare := func(b *testing.B, s *Store, n int) []registry.Enrollment {
 		c, _ := x.f.Device(b, "dev-0")
 		rec := registrytest.CertRecord(c)
+		toks := x.mint(b, s, ids("dev-", n)...)
 		reqs := make([]registry.Enrollment, n)
-		toks := make([]registry.Token, n)
-		for i := range reqs {
-			id := fmt.Sprintf("dev-%d", i)
-			_, hash, _ := registry.NewToken()
-			toks[i] = registry.Token{Hash: hash, DeviceID: id, CreatedAt: x.now, ExpiresAt: x.now.Add(time.Hour)}
+		for i, tok := range toks {
 			cert := rec
 			cert.Serial = fmt.Sprintf("%x", i+1)
-			reqs[i] = registry.Enrollment{DeviceID: id, TokenHash: hash, Cert: cert, Time: x.now}
-		}
-		if err := s.CreateTokens(x.ctx, toks, registrytest.Operator); err != nil {
-			b.Fatal(err)
+			reqs[i] = registry.Enrollment{DeviceID: tok.DeviceID, TokenHash: tok.Hash, Cert: cert, Time: x.now}
 		}
 		return reqs
 	}
@@ -458,14 +471,7 @@ func BenchmarkCheckToken(b *testing.B) {
 	x := newFixture(b)
 	s := newTestStore(b)
 	const n = 10000
-	toks := make([]registry.Token, n)
-	for i := range toks {
-		_, hash, _ := registry.NewToken()
-		toks[i] = registry.Token{Hash: hash, DeviceID: fmt.Sprintf("dev-%d", i), CreatedAt: x.now, ExpiresAt: x.now.Add(time.Hour)}
-	}
-	if err := s.CreateTokens(x.ctx, toks, registrytest.Operator); err != nil {
-		b.Fatal(err)
-	}
+	toks := x.mint(b, s, ids("dev-", n)...)
 	b.Run("sequential", func(b *testing.B) {
 		for i := range b.N {
 			tok := toks[i%n]
@@ -500,18 +506,8 @@ func TestUpgradeFromVersion1(t *testing.T) {
 		t.Fatal(err)
 	}
 	x.enroll(t, s, "dev-a")
-	mint := func(id string) []byte {
-		_, hash, err := registry.NewToken()
-		if err != nil {
-			t.Fatal(err)
-		}
-		tok := registry.Token{Hash: hash, DeviceID: id, CreatedAt: x.now, ExpiresAt: x.now.Add(time.Hour)}
-		if err := s.CreateTokens(x.ctx, []registry.Token{tok}, registrytest.Operator); err != nil {
-			t.Fatal(err)
-		}
-		return hash
-	}
-	unusedA, unusedB := mint("dev-a"), mint("dev-b")
+	unused := x.mint(t, s, "dev-a", "dev-b")
+	unusedA, unusedB := unused[0].Hash, unused[1].Hash
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -586,15 +582,7 @@ func TestUpgradeFromVersion1(t *testing.T) {
 func BenchmarkRevokeDevice(b *testing.B) {
 	x := newFixture(b)
 	s := newTestStore(b)
-	const others = 50000
-	toks := make([]registry.Token, others)
-	for i := range toks {
-		_, hash, _ := registry.NewToken()
-		toks[i] = registry.Token{Hash: hash, DeviceID: fmt.Sprintf("other-%d", i), CreatedAt: x.now, ExpiresAt: x.now.Add(time.Hour)}
-	}
-	if err := s.CreateTokens(x.ctx, toks, registrytest.Operator); err != nil {
-		b.Fatal(err)
-	}
+	x.mint(b, s, ids("other-", 50000)...)
 	for i := range b.N {
 		x.enroll(b, s, fmt.Sprintf("dev-%d", i))
 	}
