@@ -90,10 +90,7 @@ func New(cfg config.Config, log *slog.Logger) (*Daemon, error) {
 	if err != nil {
 		return nil, fmt.Errorf("CA bundle (--ca): %w", err)
 	}
-	roots := x509.NewCertPool()
-	for _, c := range trust {
-		roots.AddCert(c)
-	}
+	roots := pki.NewPool(trust...)
 	keys, err := OpenKeys(cfg)
 	if err != nil {
 		return nil, err

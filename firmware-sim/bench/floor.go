@@ -158,13 +158,8 @@ func MeasureFloors(l pki.Layout, groups []tls.CurveID, groupName string, n int) 
 		return fl, err
 	}
 	devCert := tls.Certificate{Certificate: [][]byte{leaf.Raw, ca.Cert.Raw}, PrivateKey: devKey, Leaf: leaf}
-	clientCAs := x509.NewCertPool()
-	clientCAs.AddCert(ca.Cert)
-	roots := x509.NewCertPool()
-	roots.AddCert(ca.Cert)
-	for _, c := range ca.Chain {
-		roots.AddCert(c)
-	}
+	clientCAs := pki.NewPool(ca.Cert)
+	roots := pki.NewPool(append([]*x509.Certificate{ca.Cert}, ca.Chain...)...)
 	// The gateway verifies the client's certificate alone against its
 	// CA (pki.LeafClientAuth: one signature check, whatever chain the
 	// client sends) and refuses revoked serials (a map lookup).

@@ -230,11 +230,7 @@ func (d *demo) waitHealthy(ctx context.Context, gw *process, l pki.Layout) error
 		if gw.exited() {
 			return fmt.Errorf("gateway exited at start; see %s", gw.log)
 		}
-		if certs, err := pki.ReadCertsFile(l.CABundle()); err == nil {
-			pool := x509.NewCertPool()
-			for _, c := range certs {
-				pool.AddCert(c)
-			}
+		if pool, err := pki.ReadPoolFile(l.CABundle()); err == nil {
 			c := &http.Client{Timeout: time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool, ServerName: "localhost"}}}
 			if resp, err := c.Get("https://" + d.est + "/healthz"); err == nil {
 				resp.Body.Close()
@@ -348,13 +344,9 @@ type watcher struct {
 }
 
 func newWatcher(l pki.Layout, cert tls.Certificate, broker string) (*watcher, error) {
-	certs, err := pki.ReadCertsFile(l.CABundle())
+	pool, err := pki.ReadPoolFile(l.CABundle())
 	if err != nil {
 		return nil, err
-	}
-	pool := x509.NewCertPool()
-	for _, c := range certs {
-		pool.AddCert(c)
 	}
 	w := &watcher{wake: make(chan struct{}, 1)}
 	opts := paho.NewClientOptions().AddBroker("ssl://" + broker).SetClientID("demo").

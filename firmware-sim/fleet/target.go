@@ -171,9 +171,5 @@ func readPool(file string) (*x509.CertPool, []*x509.Certificate, error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	pool := x509.NewCertPool()
-	for _, c := range certs {
-		pool.AddCert(c)
-	}
-	return pool, certs, nil
+	return pki.NewPool(certs...), certs, nil
 }

@@ -8,7 +8,6 @@ import (
 	"bufio"
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"net"
@@ -111,11 +110,7 @@ func (g *Gateway) waitReady(ctx context.Context, timeout time.Duration) error {
 			return fmt.Errorf("gateway exited at start (%v); last log line: %s", g.proc.err(), lastLine(g.LogFile))
 		}
 		if client == nil {
-			if certs, err := pki.ReadCertsFile(l.CABundle()); err == nil {
-				pool := x509.NewCertPool()
-				for _, c := range certs {
-					pool.AddCert(c)
-				}
+			if pool, err := pki.ReadPoolFile(l.CABundle()); err == nil {
 				client = &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{
 					TLSClientConfig: &tls.Config{RootCAs: pool, ServerName: "localhost"}, DisableKeepAlives: true,
 				}}

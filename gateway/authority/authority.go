@@ -181,9 +181,7 @@ func (a *Authority) CACerts() []*x509.Certificate {
 // alone, so certificates of another CA under the same root, or of a
 // foreign CA, are refused.
 func (a *Authority) ClientCAs() *x509.CertPool {
-	p := x509.NewCertPool()
-	p.AddCert(a.cfg.Issuer.CA.Cert)
-	return p
+	return pki.NewPool(a.cfg.Issuer.CA.Cert)
 }
 
 // OnRevoke registers fn to be called with each revoked device's ID right

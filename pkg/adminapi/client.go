@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -74,13 +73,9 @@ func ClientTLS(certFile, keyFile, caFile string) (*tls.Config, error) {
 	if err := pki.CheckKeyFileMode(keyFile); err != nil {
 		return nil, err
 	}
-	cas, err := pki.ReadCertsFile(caFile)
+	pool, err := pki.ReadPoolFile(caFile)
 	if err != nil {
 		return nil, err
-	}
-	pool := x509.NewCertPool()
-	for _, c := range cas {
-		pool.AddCert(c)
 	}
 	return &tls.Config{MinVersion: tls.VersionTLS12, Certificates: []tls.Certificate{cert}, RootCAs: pool}, nil
 }

@@ -147,6 +147,24 @@ func ReadCertsFile(path string) ([]*x509.Certificate, error) {
 	return certs, nil
 }
 
+// NewPool is a certificate pool holding certs.
+func NewPool(certs ...*x509.Certificate) *x509.CertPool {
+	p := x509.NewCertPool()
+	for _, c := range certs {
+		p.AddCert(c)
+	}
+	return p
+}
+
+// ReadPoolFile reads every certificate in a PEM file into a pool.
+func ReadPoolFile(path string) (*x509.CertPool, error) {
+	certs, err := ReadCertsFile(path)
+	if err != nil {
+		return nil, err
+	}
+	return NewPool(certs...), nil
+}
+
 // WriteFileAtomic writes data to a temporary file in the same directory,
 // syncs it and renames it over path, so readers see the old or the new
 // content and never a torn file, also across a power cut.

@@ -259,6 +259,15 @@ func TestInitAndLoad(t *testing.T) {
 	if _, err := srv[0].Verify(x509.VerifyOptions{DNSName: "127.0.0.1", Roots: pool, Intermediates: inter}); err != nil {
 		t.Errorf("server cert does not verify for 127.0.0.1: %v", err)
 	}
+	// The bundle as a pool: what devices trust verifies the server alone.
+	if trust, err := pki.ReadPoolFile(l.CABundle()); err != nil {
+		t.Fatal(err)
+	} else if _, err := srv[0].Verify(x509.VerifyOptions{DNSName: "gw.example", Roots: trust}); err != nil {
+		t.Errorf("server cert does not verify against the CA bundle's pool: %v", err)
+	}
+	if _, err := pki.ReadPoolFile(filepath.Join(dir, "missing.pem")); err == nil {
+		t.Error("a pool from a missing file")
+	}
 	op, err := pki.ReadCertsFile(l.OperatorCert())
 	if err != nil {
 		t.Fatal(err)

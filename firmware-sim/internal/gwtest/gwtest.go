@@ -123,13 +123,9 @@ func (g *Gateway) Restart(ctx context.Context) (time.Duration, time.Duration, er
 // Pool is the CA bundle devices trust.
 func (g *Gateway) Pool() *x509.CertPool {
 	g.t.Helper()
-	certs, err := pki.ReadCertsFile(g.Layout.CABundle())
+	p, err := pki.ReadPoolFile(g.Layout.CABundle())
 	if err != nil {
 		g.t.Fatal(err)
-	}
-	p := x509.NewCertPool()
-	for _, c := range certs {
-		p.AddCert(c)
 	}
 	return p
 }

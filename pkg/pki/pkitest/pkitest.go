@@ -97,10 +97,7 @@ func (f *Fixture) Server(t testing.TB, hosts ...string) tls.Certificate {
 
 // Pool returns a pool holding the issuing and root CA.
 func (f *Fixture) Pool() *x509.CertPool {
-	p := x509.NewCertPool()
-	p.AddCert(f.Issuing.Cert)
-	p.AddCert(f.Root.Cert)
-	return p
+	return pki.NewPool(f.Issuing.Cert, f.Root.Cert)
 }
 
 // TLSCert assembles a tls.Certificate from a leaf, its key and a chain.
