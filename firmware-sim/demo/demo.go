@@ -14,19 +14,19 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"sort"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 
+	"github.com/fleetgate/fleetgate/firmware-sim/spawn"
 	"github.com/fleetgate/fleetgate/pkg/adminapi"
 	"github.com/fleetgate/fleetgate/pkg/pki"
 )
@@ -46,7 +46,7 @@ type demo struct {
 	mqtt  string
 	est   string
 	admin string
-	procs []*process
+	procs []*spawn.Process
 }
 
 // Run plays the demo, printing what happens to out.
@@ -87,13 +87,13 @@ func (d *demo) say(format string, args ...any) {
 
 func (d *demo) play(ctx context.Context) error {
 	var err error
-	if d.mqtt, err = freeAddr(); err != nil {
+	if d.mqtt, err = spawn.FreeAddr(); err != nil {
 		return err
 	}
-	if d.est, err = freeAddr(); err != nil {
+	if d.est, err = spawn.FreeAddr(); err != nil {
 		return err
 	}
-	if d.admin, err = freeAddr(); err != nil {
+	if d.admin, err = spawn.FreeAddr(); err != nil {
 		return err
 	}
 	gwDir := filepath.Join(d.dir, "gateway")
@@ -140,7 +140,7 @@ func (d *demo) play(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	agents := map[string]*process{}
+	agents := map[string]*spawn.Process{}
 	for _, tk := range toks.Tokens {
 		p, err := d.start("agent", filepath.Join(d.dir, tk.DeviceID+".log"), "run",
 			"--gateway", "https://localhost:"+portOf(d.est), "--mqtt", "localhost:"+portOf(d.mqtt),
@@ -181,8 +181,11 @@ func (d *demo) play(ctx context.Context) error {
 	} else {
 		return fmt.Errorf("%s did not go offline after revocation", victim)
 	}
-	code, last := agents[victim].waitExit(30 * time.Second)
-	d.say("agent %s exited with code %d: %s", victim, code, last)
+	code, ok := agents[victim].Wait(30 * time.Second)
+	if !ok {
+		return fmt.Errorf("revoked agent %s still running 30s after the revocation", victim)
+	}
+	d.say("agent %s exited with code %d: %s", victim, code, spawn.LastLine(agents[victim].Log))
 	if code != 3 {
 		return fmt.Errorf("revoked agent exited with %d, want 3", code)
 	}
@@ -224,11 +227,11 @@ func (d *demo) serviceCert(ctx context.Context, admin *adminapi.Client) (tls.Cer
 	return tls.X509KeyPair([]byte(resp.Chain), keyPEM)
 }
 
-func (d *demo) waitHealthy(ctx context.Context, gw *process, l pki.Layout) error {
+func (d *demo) waitHealthy(ctx context.Context, gw *spawn.Process, l pki.Layout) error {
 	deadline := time.Now().Add(30 * time.Second)
 	for time.Now().Before(deadline) {
-		if gw.exited() {
-			return fmt.Errorf("gateway exited at start; see %s", gw.log)
+		if gw.Exited() {
+			return fmt.Errorf("gateway exited at start; see %s", gw.Log)
 		}
 		if pool, err := pki.ReadPoolFile(l.CABundle()); err == nil {
 			c := &http.Client{Timeout: time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool, ServerName: "localhost"}}}
@@ -245,88 +248,27 @@ func (d *demo) waitHealthy(ctx context.Context, gw *process, l pki.Layout) error
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
-	return fmt.Errorf("gateway not serving after 30s; see %s", gw.log)
+	return fmt.Errorf("gateway not serving after 30s; see %s", gw.Log)
 }
 
-// process is a child program with its output in a log file.
-type process struct {
-	cmd  *exec.Cmd
-	log  string
-	done chan struct{}
-	code int
-}
-
-func (d *demo) start(name, logFile string, args ...string) (*process, error) {
-	f, err := os.Create(logFile)
+// start starts one of the binaries with a fresh log file.
+func (d *demo) start(name, logFile string, args ...string) (*spawn.Process, error) {
+	if err := os.Remove(logFile); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return nil, err
+	}
+	p, err := spawn.Start(filepath.Join(d.cfg.BinDir, name), args, logFile)
 	if err != nil {
 		return nil, err
 	}
-	cmd := exec.Command(filepath.Join(d.cfg.BinDir, name), args...)
-	cmd.Stdout, cmd.Stderr = f, f
-	if err := cmd.Start(); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("start %s: %w", name, err)
-	}
-	p := &process{cmd: cmd, log: logFile, done: make(chan struct{})}
-	go func() {
-		err := cmd.Wait()
-		f.Close()
-		var ee *exec.ExitError
-		if errors.As(err, &ee) {
-			p.code = ee.ExitCode()
-		}
-		close(p.done)
-	}()
 	d.procs = append(d.procs, p)
 	return p, nil
-}
-
-func (p *process) exited() bool {
-	select {
-	case <-p.done:
-		return true
-	default:
-		return false
-	}
-}
-
-// waitExit waits for the process and returns its exit code and the last
-// line it wrote.
-func (p *process) waitExit(timeout time.Duration) (int, string) {
-	select {
-	case <-p.done:
-	case <-time.After(timeout):
-		return -1, "still running"
-	}
-	data, _ := os.ReadFile(p.log)
-	lines := strings.Split(strings.TrimSpace(string(data)), "\n")
-	return p.code, lines[len(lines)-1]
 }
 
 // stopAll stops agents first, then the gateway, each with SIGTERM.
 func (d *demo) stopAll() {
 	for i := len(d.procs) - 1; i >= 0; i-- {
-		p := d.procs[i]
-		if p.exited() {
-			continue
-		}
-		_ = p.cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-p.done:
-		case <-time.After(10 * time.Second):
-			_ = p.cmd.Process.Kill()
-			<-p.done
-		}
+		_ = d.procs[i].Stop(10 * time.Second)
 	}
-}
-
-func freeAddr() (string, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", err
-	}
-	defer l.Close()
-	return l.Addr().String(), nil
 }
 
 func portOf(addr string) string {

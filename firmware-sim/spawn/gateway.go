@@ -17,7 +17,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/fleetgate/fleetgate/firmware-sim/fleet"
@@ -43,7 +42,7 @@ type Gateway struct {
 	MQTT, EST, Admin, Metrics string
 	// LogFile receives the gateway's output (appended across restarts).
 	LogFile string
-	proc    *process
+	proc    *Process
 }
 
 // StartGateway starts `PATH --dev --data-dir DIR` on free loopback ports
@@ -87,13 +86,13 @@ func (g *Gateway) args() []string {
 }
 
 func (g *Gateway) start(ctx context.Context) error {
-	p, err := startProcess(g.cfg.Path, g.args(), g.LogFile)
+	p, err := Start(g.cfg.Path, g.args(), g.LogFile)
 	if err != nil {
 		return err
 	}
 	g.proc = p
 	if err := g.waitReady(ctx, 60*time.Second); err != nil {
-		g.proc.stop(5 * time.Second)
+		g.proc.Stop(5 * time.Second)
 		return err
 	}
 	return nil
@@ -106,8 +105,8 @@ func (g *Gateway) waitReady(ctx context.Context, timeout time.Duration) error {
 	l := pki.Layout{Dir: g.cfg.DataDir}
 	var client *http.Client
 	for time.Now().Before(deadline) {
-		if g.proc.exited() {
-			return fmt.Errorf("gateway exited at start (%v); last log line: %s", g.proc.err(), lastLine(g.LogFile))
+		if g.proc.Exited() {
+			return fmt.Errorf("gateway exited at start (%v); last log line: %s", g.proc.Err(), LastLine(g.LogFile))
 		}
 		if client == nil {
 			if pool, err := pki.ReadPoolFile(l.CABundle()); err == nil {
@@ -137,7 +136,7 @@ func (g *Gateway) waitReady(ctx context.Context, timeout time.Duration) error {
 }
 
 // PID is the gateway's process ID (it changes on restart).
-func (g *Gateway) PID() int { return g.proc.cmd.Process.Pid }
+func (g *Gateway) PID() int { return g.proc.PID() }
 
 // DataDir is the gateway's data directory.
 func (g *Gateway) DataDir() string { return g.cfg.DataDir }
@@ -153,14 +152,14 @@ func (g *Gateway) Target() fleet.Target {
 }
 
 // Stop stops the gateway with SIGTERM (SIGKILL after timeout).
-func (g *Gateway) Stop(timeout time.Duration) error { return g.proc.stop(timeout) }
+func (g *Gateway) Stop(timeout time.Duration) error { return g.proc.Stop(timeout) }
 
 // Restart stops the gateway and starts it again on the same ports and data
 // directory. It returns when the new process serves, with how long the
 // stop took and how long until it served again.
 func (g *Gateway) Restart(ctx context.Context) (stopTook, startTook time.Duration, err error) {
 	t0 := time.Now()
-	if err := g.proc.stop(30 * time.Second); err != nil {
+	if err := g.proc.Stop(30 * time.Second); err != nil {
 		return time.Since(t0), 0, fmt.Errorf("stop gateway: %w", err)
 	}
 	stopTook = time.Since(t0)
@@ -172,7 +171,7 @@ func (g *Gateway) Restart(ctx context.Context) (stopTook, startTook time.Duratio
 		if last = g.start(ctx); last == nil {
 			return stopTook, time.Since(t1), nil
 		}
-		if ctx.Err() != nil || !strings.Contains(lastLine(g.LogFile), "address already in use") {
+		if ctx.Err() != nil || !strings.Contains(LastLine(g.LogFile), "address already in use") {
 			break
 		}
 		time.Sleep(100 * time.Millisecond)
@@ -236,73 +235,4 @@ func FreeAddr() (string, error) {
 	}
 	defer l.Close()
 	return l.Addr().String(), nil
-}
-
-// process is a child with its output appended to a log file.
-type process struct {
-	cmd     *exec.Cmd
-	done    chan struct{}
-	waitErr error
-}
-
-func startProcess(path string, args []string, logFile string) (*process, error) {
-	f, err := os.OpenFile(logFile, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
-	if err != nil {
-		return nil, fmt.Errorf("log file: %w", err)
-	}
-	cmd := exec.Command(path, args...)
-	cmd.Stdout, cmd.Stderr = f, f
-	// The child dies with firmware-sim, even if firmware-sim is killed.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
-	if err := cmd.Start(); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("start %s: %w", path, err)
-	}
-	p := &process{cmd: cmd, done: make(chan struct{})}
-	go func() {
-		p.waitErr = cmd.Wait()
-		f.Close()
-		close(p.done)
-	}()
-	return p, nil
-}
-
-func (p *process) exited() bool {
-	select {
-	case <-p.done:
-		return true
-	default:
-		return false
-	}
-}
-
-func (p *process) err() error {
-	<-p.done
-	return p.waitErr
-}
-
-// stop sends SIGTERM and waits; SIGKILL after timeout.
-func (p *process) stop(timeout time.Duration) error {
-	if p.exited() {
-		return nil
-	}
-	_ = p.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-p.done:
-		return nil
-	case <-time.After(timeout):
-		_ = p.cmd.Process.Kill()
-		<-p.done
-		return fmt.Errorf("%s did not stop within %v of SIGTERM; killed", filepath.Base(p.cmd.Path), timeout)
-	}
-}
-
-// lastLine returns the last non-empty line of a file.
-func lastLine(path string) string {
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return ""
-	}
-	lines := strings.Split(strings.TrimSpace(string(data)), "\n")
-	return lines[len(lines)-1]
 }

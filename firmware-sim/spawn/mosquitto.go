@@ -36,7 +36,7 @@ type Mosquitto struct {
 	Config  string
 	LogFile string
 	Version string
-	proc    *process
+	proc    *Process
 }
 
 // FindMosquitto returns the path of the mosquitto binary, or an error
@@ -152,31 +152,31 @@ func StartMosquitto(ctx context.Context, cfg MosquittoConfig) (*Mosquitto, error
 		_ = err // mosquitto -h exits non-zero after printing its version
 		m.Version = strings.TrimSpace(strings.SplitN(string(out), "\n", 2)[0])
 	}
-	if m.proc, err = startProcess(path, []string{"-c", m.Config}, m.LogFile); err != nil {
+	if m.proc, err = Start(path, []string{"-c", m.Config}, m.LogFile); err != nil {
 		return nil, err
 	}
 	deadline := time.Now().Add(15 * time.Second)
 	for {
-		if m.proc.exited() {
-			return nil, fmt.Errorf("mosquitto exited at start (%v); last log line: %s", m.proc.err(), lastLine(m.LogFile))
+		if m.proc.Exited() {
+			return nil, fmt.Errorf("mosquitto exited at start (%v); last log line: %s", m.proc.Err(), LastLine(m.LogFile))
 		}
 		if c, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
 			c.Close()
 			// It binds the port before it reads the certificates (as the
 			// mosquitto user): make sure it is still up.
 			time.Sleep(300 * time.Millisecond)
-			if m.proc.exited() {
-				return nil, fmt.Errorf("mosquitto exited at start (%v); last log line: %s", m.proc.err(), lastLine(m.LogFile))
+			if m.proc.Exited() {
+				return nil, fmt.Errorf("mosquitto exited at start (%v); last log line: %s", m.proc.Err(), LastLine(m.LogFile))
 			}
 			return m, nil
 		}
 		if time.Now().After(deadline) {
-			m.proc.stop(5 * time.Second)
+			m.proc.Stop(5 * time.Second)
 			return nil, fmt.Errorf("mosquitto not listening on %s after 15s; see %s", addr, m.LogFile)
 		}
 		select {
 		case <-ctx.Done():
-			m.proc.stop(5 * time.Second)
+			m.proc.Stop(5 * time.Second)
 			return nil, ctx.Err()
 		case <-time.After(50 * time.Millisecond):
 		}
@@ -184,7 +184,7 @@ func StartMosquitto(ctx context.Context, cfg MosquittoConfig) (*Mosquitto, error
 }
 
 // PID is Mosquitto's process ID.
-func (m *Mosquitto) PID() int { return m.proc.cmd.Process.Pid }
+func (m *Mosquitto) PID() int { return m.proc.PID() }
 
 // Stop stops Mosquitto.
-func (m *Mosquitto) Stop() error { return m.proc.stop(10 * time.Second) }
+func (m *Mosquitto) Stop() error { return m.proc.Stop(10 * time.Second) }

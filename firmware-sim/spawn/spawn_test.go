@@ -4,8 +4,11 @@ import (
 	"context"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestMosquittoConf(t *testing.T) {
@@ -49,5 +52,34 @@ func TestStartGatewayReportsAMissingBinary(t *testing.T) {
 	_, err := StartGateway(context.Background(), GatewayConfig{Path: "/nonexistent/gateway", DataDir: t.TempDir()})
 	if err == nil || !strings.Contains(err.Error(), "gateway binary") {
 		t.Fatalf("StartGateway = %v", err)
+	}
+}
+
+// A child's exit code and last log line come back; one that ignores
+// SIGTERM is killed after the timeout; a log is appended to, not replaced.
+func TestProcess(t *testing.T) {
+	log := filepath.Join(t.TempDir(), "child.log")
+	p, err := Start("/bin/sh", []string{"-c", "echo first; echo last; exit 3"}, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if code, ok := p.Wait(10 * time.Second); !ok || code != 3 {
+		t.Fatalf("exit code %d (exited %v), want 3", code, ok)
+	}
+	if !p.Exited() || LastLine(p.Log) != "last" {
+		t.Fatalf("exited %v, last line %q", p.Exited(), LastLine(p.Log))
+	}
+	p, err = Start("/bin/sh", []string{"-c", "trap '' TERM; echo again; exec sleep 30"}, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := p.Wait(200 * time.Millisecond); ok {
+		t.Fatal("a sleeping child exited")
+	}
+	if err := p.Stop(300 * time.Millisecond); err == nil || !strings.Contains(err.Error(), "killed") {
+		t.Fatalf("stopping a child that ignores SIGTERM: %v, want killed", err)
+	}
+	if data, _ := os.ReadFile(log); string(data) != "first\nlast\nagain\n" {
+		t.Fatalf("log %q, want both runs' output", data)
 	}
 }
