@@ -642,10 +642,10 @@ func (b *bench) throughput(ctx context.Context, r *BrokerResult, addr string, qo
 	defer f.DisconnectAll(ctx)
 	recv0 := sub.R.Received()
 	delivery0 := f.Stats.Delivery.Snapshot()
-	g0 := sample(b.pidOf(r))
+	g0 := sample(r.pid)
 	res := f.Blast(ctx, b.cfg.Messages, qos, b.cfg.Payload, 5*time.Minute)
 	got := sub.R.WaitQuiet(ctx, recv0+res.Sent, 3*time.Second) - recv0
-	g1 := sample(b.pidOf(r))
+	g1 := sample(r.pid)
 	firstAt, lastAt := sub.R.Window()
 	window := lastAt.Sub(firstAt)
 	if window <= 0 {
@@ -703,8 +703,6 @@ func (b *bench) latency(ctx context.Context, r *BrokerResult, addr string, first
 	t.Dropped = max(sent-got, 0)
 	return t, nil
 }
-
-func (b *bench) pidOf(r *BrokerResult) int { return r.pid }
 
 // forEach runs fn for each device with the configured concurrency.
 func (b *bench) forEach(ctx context.Context, devs []*fleet.Device, fn func(context.Context, *fleet.Device) error) error {

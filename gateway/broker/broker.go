@@ -82,9 +82,6 @@ type Config struct {
 	// publishes wait for a congested service instead (see backpressure).
 	DeviceWriteQueue  int
 	ServiceWriteQueue int
-	// Housekeeping is the period of mochi's expiry sweeps
-	// (DefaultHousekeeping when 0).
-	Housekeeping time.Duration
 	// MaxPayload bounds the payload of a device's PUBLISH
 	// (DefaultMaxPayload when 0, none when negative).
 	MaxPayload int
@@ -198,10 +195,7 @@ func New(cfg Config) (*Broker, error) {
 	h.gate.onStuck = func(cl *mqtt.Client) {
 		log.Warn("service stopped acknowledging; device publishes no longer wait for it", "client", cl.ID, "unacknowledged", cl.State.Inflight.Len())
 	}
-	if cfg.Housekeeping <= 0 {
-		cfg.Housekeeping = DefaultHousekeeping
-	}
-	if err := setHousekeeping(srv, cfg.Housekeeping); err != nil {
+	if err := setHousekeeping(srv, housekeepingPeriod); err != nil {
 		// Not fatal: mochi keeps its one-second sweeps, which cost CPU,
 		// not correctness.
 		log.Warn("cannot slow mochi's expiry sweeps; an idle gateway spends more CPU", "error", err)

@@ -8,7 +8,7 @@ import (
 	mqtt "github.com/mochi-mqtt/server/v2"
 )
 
-// DefaultHousekeeping is how often mochi sweeps for expired sessions,
+// housekeepingPeriod is how often mochi sweeps for expired sessions,
 // in-flight messages and retained messages.
 //
 // mochi sweeps every second and each sweep copies whole maps: all
@@ -20,7 +20,7 @@ import (
 // retained message, and a disconnected persistent session after its
 // expiry interval (24 h by default). The delayed-will sweep, which sees
 // only pending wills, keeps mochi's one second.
-const DefaultHousekeeping = 10 * time.Second
+const housekeepingPeriod = 10 * time.Second
 
 // setHousekeeping sets the period of mochi's expiry sweeps. mochi has no
 // option for it: its tickers are unexported fields, reached by reflection
